@@ -1,0 +1,67 @@
+"""MixSKD's training-only heads, usable with any model: self-teacher and discriminators.
+
+Both take lists of per-head feature maps, so a user's own network that returns one final
+feature map per head can be trained with the MixSKD objective.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mixskd_jax.models import layers
+
+Dtype = Any
+
+
+class SelfTeacher(nn.Module):
+  """Aggregates the heads' feature maps into soft labels: concat -> 1x1 conv -> GAP -> fc.
+
+  The 1x1 convolution has no bias, BN or activation, so the self-teacher is linear in the
+  pooled features. PyTorch-default init, as the official code leaves it.
+
+  Attributes:
+    num_classes: outputs.
+    width: channels after the 1x1 conv; None uses the channels of one input feature map
+      (the official model: 4 * 512 * expansion -> 512 * expansion).
+  """
+  num_classes: int
+  width: int | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
+    """features: H maps (N, h, w, c_k) -> (N, num_classes) logits."""
+    x = jnp.concatenate([f.astype(self.dtype) for f in features], axis=-1)
+    width = self.width or features[0].shape[-1]
+    x = nn.Conv(width, (1, 1), use_bias=False, kernel_init=layers.torch_default_kernel_init,
+                dtype=self.dtype, name="conv")(x)
+    return layers.linear(self.num_classes, width, dtype=self.dtype, name="fc")(
+        layers.global_avg_pool(x))
+
+
+class MLPDiscriminator(nn.Module):
+  """Linear(c -> hidden) -> ReLU -> Linear(hidden -> 2), PyTorch-default init."""
+  hidden: int = 128
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (N, c) pooled features -> (N, 2) logits."""
+    x = layers.linear(self.hidden, x.shape[-1], dtype=self.dtype, name="fc1")(x)
+    return layers.linear(2, self.hidden, dtype=self.dtype, name="fc2")(nn.relu(x))
+
+
+class FeatureDiscriminators(nn.Module):
+  """One MLP discriminator per head, named disc0, disc1, ... in head order."""
+  hidden: int = 128
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pooled: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    """pooled: H arrays (M, c_k) -> H arrays (M, 2)."""
+    return tuple(MLPDiscriminator(self.hidden, self.dtype, name=f"disc{k}")(p)
+                 for k, p in enumerate(pooled))

@@ -1,0 +1,113 @@
+"""Layers that reproduce PyTorch's numerics: initializers, padding, BatchNorm.
+
+Flax defaults differ from PyTorch in three ways that change results: weight/bias init,
+"SAME" padding of stride-2 convolutions (Flax pads (0, 1) on even sizes, PyTorch (1, 1)),
+and BatchNorm's running variance (PyTorch stores the unbiased batch variance). Everything
+the models build goes through this file so those choices are made once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+
+INIT_SCHEMES = ("torch_default", "kaiming_fan_out")
+
+# PyTorch's default Conv2d/Linear weight init, kaiming_uniform(a=sqrt(5)), is
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# torchvision's ResNet init, kaiming_normal(fan_out, relu); jax's "normal" is untruncated.
+kaiming_fan_out_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_default_bias_init(fan_in: int) -> Callable:
+  """PyTorch's default Linear bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def conv_kernel_init(scheme: str) -> Callable:
+  if scheme == "torch_default":
+    return torch_default_kernel_init
+  if scheme == "kaiming_fan_out":
+    return kaiming_fan_out_init
+  raise ValueError(f"init_scheme={scheme!r} is not one of {INIT_SCHEMES}.")
+
+
+def conv(features: int, kernel: int, strides: int = 1, *, init_scheme: str, dtype: Dtype,
+         name: str) -> nn.Conv:
+  """A bias-free convolution with PyTorch's symmetric padding of (kernel - 1) // 2."""
+  pad = (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                 padding=((pad, pad), (pad, pad)), use_bias=False,
+                 kernel_init=conv_kernel_init(init_scheme), dtype=dtype, name=name)
+
+
+def linear(features: int, fan_in: int, *, dtype: Dtype, name: str) -> nn.Dense:
+  """A Linear layer initialized as PyTorch's default (both weight and bias)."""
+  return nn.Dense(features, kernel_init=torch_default_kernel_init,
+                  bias_init=torch_default_bias_init(fan_in), dtype=dtype, name=name)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """PyTorch MaxPool2d(3, stride=2, padding=1): the padding is -inf, never a winner."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """(N, H, W, C) -> (N, C)."""
+  return jnp.mean(x, axis=(1, 2))
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over all but the channel axis with PyTorch's exact semantics.
+
+  Train mode normalizes with the biased batch variance (two-pass, float32) and updates the
+  running variance with the *unbiased* one, as `torch.nn.BatchNorm2d` does; Flax's
+  BatchNorm stores the biased variance, which would drift eval results from the
+  reference's. Under `jax.jit` with a sharded batch the statistics are global.
+
+  Attributes:
+    momentum: weight of the old running statistics (PyTorch momentum 0.1 == 0.9 here).
+    epsilon: added to the variance.
+    dtype: output dtype; statistics are always float32.
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x32, axis=axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      if not self.is_initializing():
+        count = math.prod(x.shape[:-1])
+        unbiased = var * (count / max(count - 1, 1))
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
+
+
+def batch_norm(*, momentum: float, epsilon: float, dtype: Dtype) -> Callable[..., BatchNorm]:
+  return functools.partial(BatchNorm, momentum=momentum, epsilon=epsilon, dtype=dtype)

@@ -1,0 +1,163 @@
+"""ResNet backbones (CIFAR- and ImageNet-style) built from a declarative `ResNetSpec`.
+
+Module and parameter names mirror the official PyTorch code (`conv1`, `bn1`, `layer{s}`,
+`block{b}`, `downsample_conv`/`downsample_bn`, `fc`) so that checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mixskd_jax.models import layers
+from mixskd_jax.models.outputs import ModelOutputs
+
+Dtype = Any
+BLOCKS = ("basic", "bottleneck")
+STEMS = ("cifar", "imagenet")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+  """Everything that defines a ResNet's architecture and its PyTorch-equivalent numerics.
+
+  Attributes:
+    block: "basic" (two 3x3 convs) or "bottleneck" (1x1, 3x3 with the stride, 1x1 x4).
+    stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+    stage_widths: base channels per stage (a bottleneck stage outputs 4x this).
+    stage_strides: stride of the first block of each stage.
+    stem: "cifar" (3x3 s1 conv + BN) or "imagenet" (7x7 s2 conv + BN + ReLU + 3x3 s2 max-pool).
+    stem_width: channels of the stem convolution.
+    stem_relu: ReLU after the stem BN. The official CIFAR MixSKD backbone has none.
+    init_scheme: "torch_default" (CIFAR models) or "kaiming_fan_out" (torchvision ImageNet).
+    bn_momentum: weight of the old running statistics (0.9 == PyTorch's 0.1).
+    bn_epsilon: BatchNorm epsilon (PyTorch default 1e-5).
+  """
+  block: str
+  stage_sizes: tuple[int, ...]
+  stage_widths: tuple[int, ...]
+  stage_strides: tuple[int, ...]
+  stem: str = "cifar"
+  stem_width: int = 64
+  stem_relu: bool = False
+  init_scheme: str = "torch_default"
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+
+  def __post_init__(self):
+    if self.block not in BLOCKS:
+      raise ValueError(f"ResNetSpec.block={self.block!r} must be one of {BLOCKS}.")
+    if self.stem not in STEMS:
+      raise ValueError(f"ResNetSpec.stem={self.stem!r} must be one of {STEMS}.")
+    if not len(self.stage_sizes) == len(self.stage_widths) == len(self.stage_strides):
+      raise ValueError("ResNetSpec.stage_sizes, stage_widths and stage_strides need one entry "
+                       f"per stage; got {self.stage_sizes}, {self.stage_widths}, "
+                       f"{self.stage_strides}.")
+    layers.conv_kernel_init(self.init_scheme)  # validates the name
+
+  @property
+  def expansion(self) -> int:
+    return 4 if self.block == "bottleneck" else 1
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.stage_sizes)
+
+  @property
+  def feature_channels(self) -> int:
+    """Channels of the last stage's output (and of every head's feature map)."""
+    return self.stage_widths[-1] * self.expansion
+
+
+class ResidualBlock(nn.Module):
+  """Post-activation BasicBlock or Bottleneck (V1.5: the stride sits on the 3x3 conv)."""
+  spec: ResNetSpec
+  width: int
+  strides: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    spec = self.spec
+    conv = lambda f, k, s, name: layers.conv(f, k, s, init_scheme=spec.init_scheme,
+                                             dtype=self.dtype, name=name)
+    norm = layers.batch_norm(momentum=spec.bn_momentum, epsilon=spec.bn_epsilon,
+                             dtype=self.dtype)
+    out_channels = self.width * spec.expansion
+    if spec.block == "basic":
+      y = nn.relu(norm(name="bn1")(conv(self.width, 3, self.strides, "conv1")(x), train))
+      y = norm(name="bn2")(conv(self.width, 3, 1, "conv2")(y), train)
+    else:
+      y = nn.relu(norm(name="bn1")(conv(self.width, 1, 1, "conv1")(x), train))
+      y = nn.relu(norm(name="bn2")(conv(self.width, 3, self.strides, "conv2")(y), train))
+      y = norm(name="bn3")(conv(out_channels, 1, 1, "conv3")(y), train)
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != out_channels:
+      shortcut = norm(name="downsample_bn")(
+          conv(out_channels, 1, self.strides, "downsample_conv")(x), train)
+    return nn.relu(y + shortcut)
+
+
+class ResNetStage(nn.Module):
+  """Stage `index` of `spec`: `stage_sizes[index]` blocks named block0, block1, ..."""
+  spec: ResNetSpec
+  index: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for b in range(self.spec.stage_sizes[self.index]):
+      strides = self.spec.stage_strides[self.index] if b == 0 else 1
+      x = ResidualBlock(self.spec, self.spec.stage_widths[self.index], strides, self.dtype,
+                        name=f"block{b}")(x, train)
+    return x
+
+
+class Stem(nn.Module):
+  spec: ResNetSpec
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    spec = self.spec
+    kernel, strides = (3, 1) if spec.stem == "cifar" else (7, 2)
+    x = layers.conv(spec.stem_width, kernel, strides, init_scheme=spec.init_scheme,
+                    dtype=self.dtype, name="conv1")(x)
+    x = layers.batch_norm(momentum=spec.bn_momentum, epsilon=spec.bn_epsilon,
+                          dtype=self.dtype)(name="bn1")(x, train)
+    if spec.stem_relu:
+      x = nn.relu(x)
+    if spec.stem == "imagenet":
+      x = layers.max_pool_3x3_s2(x)
+    return x
+
+
+class ResNet(nn.Module):
+  """A plain ResNet classifier: stem, stages `layer1..layerS`, global pool, `fc`.
+
+  This is also the backbone inside the MixSKD model and the network used at inference.
+
+  Attributes:
+    spec: the architecture.
+    num_classes: outputs of `fc`.
+    dtype: compute dtype (parameters and BN statistics stay float32).
+  """
+  spec: ResNetSpec
+  num_classes: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> ModelOutputs:
+    """x: (N, H, W, C) normalized images -> ModelOutputs with one head."""
+    x = Stem(self.spec, self.dtype, name="stem")(x.astype(self.dtype), train)
+    stages = []
+    for s in range(self.spec.num_stages):
+      x = ResNetStage(self.spec, s, self.dtype, name=f"layer{s + 1}")(x, train)
+      stages.append(x)
+    logits = layers.linear(self.num_classes, x.shape[-1], dtype=self.dtype, name="fc")(
+        layers.global_avg_pool(x))
+    return ModelOutputs(logits=(logits,), features=(x,), stage_features=tuple(stages))

@@ -1,0 +1,1 @@
+"""Training: optimizer (and, later, state, steps and the loop)."""
