@@ -1,4 +1,4 @@
-"""Pure loss functions of MixSKD, one number per example, float32 inside.
+"""Pure loss functions of MixSKD, one number per example, at least float32 inside.
 
 Each function takes arrays and returns per-example values; the objective takes the batch
 mean. No configuration is read here: weights and temperatures are arguments.
@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import optax
 
 
-def _f32(x: jax.Array) -> jax.Array:
-  return jnp.asarray(x, jnp.float32)
+def upcast(x: jax.Array) -> jax.Array:
+  """Upcasts bfloat16/float16 to float32; float64 (under x64) stays float64."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -25,7 +27,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   Returns:
     (N,) per-example cross-entropy; the batch mean is PyTorch's `F.cross_entropy`.
   """
-  return optax.softmax_cross_entropy_with_integer_labels(_f32(logits), labels)
+  return optax.softmax_cross_entropy_with_integer_labels(upcast(logits), labels)
 
 
 def mixup_cross_entropy(logits: jax.Array, labels_a: jax.Array, labels_b: jax.Array,
@@ -41,7 +43,7 @@ def mixup_cross_entropy(logits: jax.Array, labels_a: jax.Array, labels_b: jax.Ar
   Returns:
     (N,) per-example mixed cross-entropy.
   """
-  lam = _f32(lam)
+  lam = upcast(lam)
   return lam * cross_entropy(logits, labels_a) + (1.0 - lam) * cross_entropy(logits, labels_b)
 
 
@@ -61,8 +63,8 @@ def temperature_kl(student_logits: jax.Array, teacher_logits: jax.Array,
     (N,) per-example scaled KL divergence.
   """
   t = float(temperature)
-  log_student = jax.nn.log_softmax(_f32(student_logits) / t, axis=-1)
-  log_teacher = jax.nn.log_softmax(jax.lax.stop_gradient(_f32(teacher_logits)) / t, axis=-1)
+  log_student = jax.nn.log_softmax(upcast(student_logits) / t, axis=-1)
+  log_teacher = jax.nn.log_softmax(jax.lax.stop_gradient(upcast(teacher_logits)) / t, axis=-1)
   return optax.losses.kl_divergence_with_log_targets(log_student, log_teacher) * (t * t)
 
 
@@ -77,7 +79,7 @@ def feature_mse(features_a: jax.Array, features_b: jax.Array) -> jax.Array:
     (N,) per-example mean over all non-batch elements. Its batch mean is PyTorch's
     `F.mse_loss(a, b)` (mean over every element) since every example has the same size.
   """
-  err = optax.squared_error(_f32(features_a), _f32(features_b))
+  err = optax.squared_error(upcast(features_a), upcast(features_b))
   return jnp.mean(err.reshape(err.shape[0], -1), axis=-1)
 
 
@@ -95,7 +97,7 @@ def discriminator_bce(interpolated_logits: jax.Array, mixup_logits: jax.Array) -
     (2N,) per-row BCE averaged over the two columns, interpolated rows first. Its mean is
     the reference's mean over all 2N x 2 entries.
   """
-  logits = jnp.concatenate([_f32(interpolated_logits), _f32(mixup_logits)], axis=0)
+  logits = jnp.concatenate([upcast(interpolated_logits), upcast(mixup_logits)], axis=0)
   n = interpolated_logits.shape[0]
   targets = jnp.concatenate([
       jnp.broadcast_to(jnp.array([1.0, 0.0], jnp.float32), (n, 2)),

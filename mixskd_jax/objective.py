@@ -146,7 +146,7 @@ def mixskd_loss(
     if z.shape[0] != 2 * batch:
       raise ValueError(f"outputs must cover 2B = {2 * batch} images [clean; mixed] for {batch} "
                        f"labels, got logits of shape {z.shape}.")
-  clean_logits, mixup_logits = zip(*(_split(z.astype(jnp.float32), batch)
+  clean_logits, mixup_logits = zip(*(_split(losses.upcast(z), batch)
                                      for z in outputs.logits))
   clean_feats, mixup_feats = zip(*(_split(g, batch) for g in outputs.features))
   # "Mix of the outputs": interpolate the clean half with the input's lam and permutation.
@@ -155,8 +155,8 @@ def mixskd_loss(
   mix_ce = lambda z: _mean(losses.mixup_cross_entropy(z, labels, labels_b, mix.lam))
   kl = lambda s, t: _mean(losses.temperature_kl(s, t, config.temperature))
 
-  teacher_interp = self_teacher(interp_feats).astype(jnp.float32)   # t_hat
-  teacher_mixup = self_teacher(mixup_feats).astype(jnp.float32)     # t_tilde
+  teacher_interp = losses.upcast(self_teacher(interp_feats))   # t_hat
+  teacher_mixup = losses.upcast(self_teacher(mixup_feats))     # t_tilde
 
   pooled = [jnp.concatenate([global_avg_pool(i), global_avg_pool(m)], axis=0)
             for i, m in zip(interp_feats, mixup_feats)]

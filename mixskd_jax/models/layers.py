@@ -80,7 +80,7 @@ class BatchNorm(nn.Module):
   Attributes:
     momentum: weight of the old running statistics (PyTorch momentum 0.1 == 0.9 here).
     epsilon: added to the variance.
-    dtype: output dtype; statistics are always float32.
+    dtype: output dtype; statistics are computed in at least float32.
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -93,7 +93,8 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-    x32 = x.astype(jnp.float32)
+    # Statistics in at least float32 (float64 stays float64 under x64).
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if train:
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(x32, axis=axes)
