@@ -1,0 +1,295 @@
+"""The MixSKD objective: every term against a numpy transcription of the spec (§B.3), the
+variants' weights, and where gradients flow (§B.4) including the optimizer's partition."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixskd_jax import mixing, objective
+from mixskd_jax.models import FeatureDiscriminators, ModelOutputs, SelfTeacher, build_model
+from mixskd_jax.objective import ObjectiveConfig
+from mixskd_jax.train.optimizer import partitioned, reference_sgd
+
+B, C, HEADS, HW, CH = 6, 5, 3, 2, 4
+T = 3.0
+
+
+# ---------------------------------------------------------------- numpy reference of spec B.3
+def np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_ce(z, y):
+  return -np_log_softmax(z)[np.arange(len(y)), y].mean()
+
+
+def np_kl(s, t):
+  p = np.exp(np_log_softmax(t / T))
+  return (p * (np.log(p) - np_log_softmax(s / T))).sum(-1).mean() * T * T
+
+
+def np_bce(logits, targets):
+  return np.mean(np.maximum(logits, 0) - logits * targets + np.log1p(np.exp(-np.abs(logits))))
+
+
+def np_terms(logits, feats, y, lam, perm, st_w, disc_w):
+  """Spec B.2-B.3 written out with numpy; self-teacher and discriminators are the linear /
+  MLP functions given by st_w = (conv (H*c, c), fc (c, C), fc bias (C,)) and
+  disc_w = [(w1, b1, w2, b2)] per head."""
+  clean = [z[:B] for z in logits]
+  mixed = [z[B:] for z in logits]
+  interp = [lam * c + (1 - lam) * c[perm] for c in clean]
+  g_clean = [g[:B] for g in feats]
+  g_mix = [g[B:] for g in feats]
+  g_int = [lam * g + (1 - lam) * g[perm] for g in g_clean]
+  teacher = lambda gs: (np.concatenate(gs, -1) @ st_w[0]).mean((1, 2)) @ st_w[1] + st_w[2]
+  t_hat, t_tilde = teacher(g_int), teacher(g_mix)
+  mix_ce = lambda z: lam * np_ce(z, y) + (1 - lam) * np_ce(z, y[perm])
+  target = np.concatenate([np.tile([1.0, 0.0], (B, 1)), np.tile([0.0, 1.0], (B, 1))])
+  disc = 0.0
+  for (w1, b1, w2, b2), gi, gm in zip(disc_w, g_int, g_mix):
+    pooled = np.concatenate([gi.mean((1, 2)), gm.mean((1, 2))])
+    disc += np_bce(np.maximum(pooled @ w1 + b1, 0) @ w2 + b2, target)
+  return {
+      "clean_ce": sum(np_ce(c, y) for c in clean),
+      "mixup_ce": sum(mix_ce(m) for m in mixed),
+      "self_teacher_ce": mix_ce(t_hat) + mix_ce(t_tilde),
+      "kl_self_teacher": np_kl(interp[-1], t_tilde) + np_kl(mixed[-1], t_hat),
+      "kl_branches": sum(np_kl(interp[k], mixed[k]) + np_kl(mixed[k], interp[k])
+                         for k in range(len(logits) - 1)),
+      "feature_mse": sum(((gi - gm) ** 2).mean() for gi, gm in zip(g_int, g_mix)),
+      "discriminator": disc,
+  }
+
+
+# ---------------------------------------------------------------- a synthetic H-head "model"
+@pytest.fixture(scope="module")
+def synthetic():
+  rng = np.random.default_rng(0)
+  logits = [rng.normal(size=(2 * B, C)).astype(np.float32) * 2 for _ in range(HEADS)]
+  feats = [rng.normal(size=(2 * B, HW, HW, CH)).astype(np.float32) for _ in range(HEADS)]
+  y = rng.integers(0, C, B)
+  perm = rng.permutation(B)
+  st = SelfTeacher(C)
+  st_vars = st.init(jax.random.key(0), [jnp.asarray(f[:B]) for f in feats])
+  disc = FeatureDiscriminators(hidden=7)
+  d_vars = disc.init(jax.random.key(1), [jnp.zeros((2 * B, CH))] * HEADS)
+  return dict(logits=logits, feats=feats, y=y, perm=perm, lam=0.35, st=st, st_vars=st_vars,
+              disc=disc, d_vars=d_vars)
+
+
+def run_loss(s, config, logits=None, feats=None, st_params=None, d_params=None, perm=None):
+  outputs = ModelOutputs(logits=tuple(map(jnp.asarray, logits or s["logits"])),
+                         features=tuple(map(jnp.asarray, feats or s["feats"])))
+  mix = mixing.MixParams(lam=jnp.float32(s["lam"]),
+                         perm=jnp.asarray(s["perm"] if perm is None else perm, jnp.int32))
+  st_params = s["st_vars"]["params"] if st_params is None else st_params
+  d_params = s["d_vars"]["params"] if d_params is None else d_params
+  return objective.mixskd_loss(
+      outputs, jnp.asarray(s["y"]), mix,
+      self_teacher=lambda f: s["st"].apply({"params": st_params}, f),
+      discriminators=lambda p: s["disc"].apply({"params": d_params}, p), config=config)
+
+
+def numpy_reference(s):
+  stp = jax.tree_util.tree_map(np.asarray, s["st_vars"]["params"])
+  st_w = (stp["conv"]["kernel"][0, 0], stp["fc"]["kernel"], stp["fc"]["bias"])
+  disc_w = [tuple(np.asarray(d[l][k]) for l in ("fc1", "fc2") for k in ("kernel", "bias"))
+            for d in (s["d_vars"]["params"][f"disc{k}"] for k in range(HEADS))]
+  return np_terms(s["logits"], s["feats"], s["y"], s["lam"], s["perm"], st_w, disc_w)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_terms_match_numpy_transcription_of_spec(synthetic, jit):
+  """Each named term, and the loss, equal the spec's formulas."""
+  fn = functools.partial(run_loss, synthetic, ObjectiveConfig.for_variant("full"))
+  loss, terms = jax.jit(fn)() if jit else fn()
+  expected = numpy_reference(synthetic)
+  for name in objective.TERMS:
+    np.testing.assert_allclose(terms[name], expected[name], rtol=2e-5, err_msg=name)
+  np.testing.assert_allclose(loss, sum(expected.values()), rtol=2e-5)
+  assert set(terms) == set(objective.TERMS) | {"loss"}
+
+
+def test_variant_weights(synthetic):
+  """reference_cifar leaves out mixup CE and self-teacher CE (still logged); custom weights
+  scale their terms; all terms are identical across variants."""
+  ref_loss, ref = run_loss(synthetic, ObjectiveConfig.for_variant("reference_cifar"))
+  full_loss, full = run_loss(synthetic, ObjectiveConfig.for_variant("full"))
+  adv_loss, _ = run_loss(synthetic, ObjectiveConfig.for_variant("adversarial"))
+  for name in objective.TERMS:
+    np.testing.assert_allclose(ref[name], full[name], rtol=1e-6)
+  included = [n for n in objective.TERMS if n not in ("mixup_ce", "self_teacher_ce")]
+  np.testing.assert_allclose(ref_loss, sum(ref[n] for n in included), rtol=1e-6)
+  np.testing.assert_allclose(full_loss, sum(full[n] for n in objective.TERMS), rtol=1e-6)
+  np.testing.assert_allclose(adv_loss, full_loss, rtol=1e-6)
+  weights = {"feature_mse": 3.0, "clean_ce": 0.5, "kl_branches": 0.0}
+  w_loss, _ = run_loss(synthetic, ObjectiveConfig.for_variant("full", weights=weights))
+  expected = sum(full[n] * weights.get(n, 1.0) for n in objective.TERMS)
+  np.testing.assert_allclose(w_loss, expected, rtol=1e-6)
+
+
+def test_temperature_is_a_parameter(synthetic):
+  """T changes only the KL terms, as T^2 KL(softmax(t/T) || softmax(s/T))."""
+  _, t3 = run_loss(synthetic, ObjectiveConfig.for_variant("full", temperature=3.0))
+  _, t1 = run_loss(synthetic, ObjectiveConfig.for_variant("full", temperature=1.0))
+  assert not np.isclose(t3["kl_branches"], t1["kl_branches"])
+  np.testing.assert_allclose(t3["clean_ce"], t1["clean_ce"])
+
+
+def test_per_shard_permutation_equals_its_global_form(synthetic):
+  """Pairs inside data shards: the objective with an (S, B/S) perm equals the (B,) one."""
+  s = synthetic
+  shard_perm = np.array([[1, 2, 0], [0, 2, 1]])
+  config = ObjectiveConfig.for_variant("full")
+  loss_s, terms_s = run_loss(s, config, perm=shard_perm)
+  loss_g, terms_g = run_loss(s, config,
+                             perm=np.asarray(mixing.global_permutation(jnp.asarray(shard_perm))))
+  for name in terms_s:
+    np.testing.assert_allclose(terms_s[name], terms_g[name], rtol=1e-6)
+
+
+def grads_by_term(s, term, variant="full", **kw):
+  """Gradients of one term alone w.r.t. (logits, features, self-teacher, discriminators)."""
+  config = ObjectiveConfig.for_variant(
+      variant, weights={t: float(t == term) for t in objective.TERMS}, **kw)
+  def f(logits, feats, stp, dp):
+    return run_loss(s, config, logits=logits, feats=feats, st_params=stp, d_params=dp)[0]
+  return jax.grad(f, argnums=(0, 1, 2, 3))(
+      [jnp.asarray(z) for z in s["logits"]], [jnp.asarray(g) for g in s["feats"]],
+      s["st_vars"]["params"], s["d_vars"]["params"])
+
+
+def norm(tree):
+  return float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def test_kl_teacher_sides_get_no_gradient(synthetic):
+  """kl_self_teacher: the self-teacher (and through it the features) is a stop-gradient
+  teacher. kl_branches: each direction's teacher is detached, so the mixed half's logits of
+  head k get gradient only from KL(m_k || sg(z_hat_k)), which we check by value."""
+  g_logits, g_feats, g_st, _ = grads_by_term(synthetic, "kl_self_teacher")
+  assert norm(g_st) == 0.0 and norm(g_feats) == 0.0
+  assert norm(g_logits[-1]) > 0 and norm(g_logits[:-1]) == 0.0
+  g_logits, g_feats, g_st, _ = grads_by_term(synthetic, "kl_branches")
+  assert norm(g_st) == 0.0 and norm(g_feats) == 0.0 and norm(g_logits[-1]) == 0.0
+  # Numerically: the mixed-half gradient equals that of KL(m || const interp) alone.
+  s = synthetic
+  k, lam, perm = 0, s["lam"], s["perm"]
+  clean = jnp.asarray(s["logits"][k][:B])
+  interp = lam * clean + (1 - lam) * clean[perm]
+  def only_student_side(m):
+    from mixskd_jax import losses
+    return jnp.mean(losses.temperature_kl(m, interp, T))
+  expected = jax.grad(only_student_side)(jnp.asarray(s["logits"][k][B:]))
+  np.testing.assert_allclose(g_logits[k][B:], expected, rtol=1e-5, atol=1e-8)
+
+
+def test_feature_mse_pulls_both_views(synthetic):
+  """No stop-gradient on either side of the feature MSE."""
+  _, g_feats, _, _ = grads_by_term(synthetic, "feature_mse")
+  for g in g_feats:
+    assert norm(g[:B]) > 0 and norm(g[B:]) > 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_adversarial_players_have_opposite_signs(synthetic, scale):
+  """adversarial: discriminators descend the BCE (same gradient as the frozen-D variants'
+  BCE) while the features receive the negated, scaled gradient: they learn to fool D."""
+  _, g_feats_ref, _, g_d_ref = grads_by_term(synthetic, "discriminator", "full")
+  _, g_feats_adv, _, g_d_adv = grads_by_term(synthetic, "discriminator", "adversarial",
+                                             gradient_reversal_scale=scale)
+  assert norm(g_d_ref) > 0
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), g_d_adv,
+                         g_d_ref)
+  for a, r in zip(g_feats_adv, g_feats_ref):
+    assert norm(r) > 0
+    np.testing.assert_allclose(a, -scale * r, rtol=1e-5, atol=1e-9)
+  # One small step of the discriminators along -grad lowers their BCE: they learn to separate.
+  config = ObjectiveConfig.for_variant(
+      "adversarial", weights={t: float(t == "discriminator") for t in objective.TERMS})
+  d0 = synthetic["d_vars"]["params"]
+  d1 = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, d0, g_d_adv)
+  assert run_loss(synthetic, config, d_params=d1)[0] < run_loss(synthetic, config, d_params=d0)[0]
+
+
+def test_config_errors_name_the_field():
+  """Bad variants, weights and temperatures are refused with the field's name."""
+  with pytest.raises(ValueError, match="variant"):
+    ObjectiveConfig.for_variant("paper")
+  with pytest.raises(ValueError, match="kl_logits"):
+    ObjectiveConfig.for_variant("full", weights={"kl_logits": 1.0})
+  with pytest.raises(ValueError, match="temperature"):
+    ObjectiveConfig.for_variant("full", temperature=0.0)
+
+
+# ---------------------------------------------------------------- the real model, one step
+@pytest.fixture(scope="module")
+def small():
+  model = build_model("small_resnet", 10)
+  images = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
+  labels = jnp.arange(8) % 10
+  variables = model.init(jax.random.key(1), images)
+  mix = mixing.sample_mix(jax.random.key(2), 8, alpha=0.4)
+  return model, variables, images, labels, mix
+
+
+def one_step(small, variant):
+  model, variables, images, labels, mix = small
+  config = ObjectiveConfig.for_variant(variant)
+  params = variables["params"]
+  tx = partitioned(reference_sgd(0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+                   objective.parameter_partition(params, config))
+  @jax.jit
+  def step(params):
+    grads, aux = jax.grad(lambda p: objective.apply_mixskd(
+        model, {**variables, "params": p}, images, labels, mix, config), has_aux=True)(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return grads, jax.tree_util.tree_map(lambda p, u: p + u, params, updates), aux
+  return step(params)
+
+
+def changed(before, after):
+  return any(not np.array_equal(a, b) for a, b in
+             zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)))
+
+
+@pytest.mark.parametrize("variant", objective.VARIANTS)
+def test_what_each_variant_trains(small, variant):
+  """Self-teacher: exactly zero gradient and zero update (no weight decay either) in
+  reference_cifar, trained otherwise. Discriminators: never change except in adversarial.
+  Backbone and branches always train."""
+  params = small[1]["params"]
+  grads, new, (terms, outputs, batch_stats) = one_step(small, variant)
+  st_trained = variant != "reference_cifar"
+  assert (norm(grads["self_teacher"]) > 0) == st_trained
+  assert changed(params["self_teacher"], new["self_teacher"]) == st_trained
+  assert changed(params["discriminators"], new["discriminators"]) == (variant == "adversarial")
+  for name in ("backbone", "branches_0", "branches_1"):
+    assert changed(params[name], new[name])
+  assert all(np.isfinite(float(v)) for v in terms.values())
+  assert changed(small[1]["batch_stats"], batch_stats)
+
+
+def test_partition_labels():
+  """The partition names exactly the self-teacher / discriminator subtrees as frozen."""
+  params = {"backbone": {"w": 0}, "self_teacher": {"conv": {"kernel": 0}},
+            "discriminators": {"disc0": {"fc1": {"kernel": 0}}}}
+  part = lambda v: objective.parameter_partition(params, ObjectiveConfig.for_variant(v))
+  assert part("reference_cifar") == {"backbone": {"w": "trainable"},
+                                     "self_teacher": {"conv": {"kernel": "frozen"}},
+                                     "discriminators": {"disc0": {"fc1": {"kernel": "frozen"}}}}
+  assert part("full")["self_teacher"]["conv"]["kernel"] == "trainable"
+  assert part("full")["discriminators"]["disc0"]["fc1"]["kernel"] == "frozen"
+  assert part("adversarial")["discriminators"]["disc0"]["fc1"]["kernel"] == "trainable"
+
+
+def test_apply_mixskd_rejects_mismatched_outputs(synthetic):
+  """Outputs that do not cover [clean; mixed] for the labels are refused clearly."""
+  s = synthetic
+  with pytest.raises(ValueError, match="2B"):
+    run_loss(s, ObjectiveConfig.for_variant("full"), logits=[z[:B] for z in s["logits"]])
