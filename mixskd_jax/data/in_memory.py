@@ -1,0 +1,111 @@
+"""Exact, resumable pipelines for datasets held in memory (Fashion-MNIST, CIFAR).
+
+Training order is a pure function of (config.seed, epoch): epoch e visits the kept examples
+in the order `np.random.default_rng([seed, e]).permutation(N)`; global batch i is positions
+[i*G, (i+1)*G) of it (the remainder is dropped) and process p takes rows [p*L, (p+1)*L) of
+that, L = G / P. Example j of the epoch is augmented with the stateless seed
+`example_seed(seed, e, j)`. So every host computes the same global batches, the process
+slices concatenate to the one-process batch, and `start_step` jumps straight to its batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict, Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from mixskd_jax.data import augment
+from mixskd_jax.data import batching
+from mixskd_jax.data import datasets
+from mixskd_jax.data import sources
+
+Batch = Dict[str, np.ndarray]
+
+
+def _index_batches(keep: np.ndarray, *, seed: int, start_step: int, global_batch: int,
+                   local_batch: int, process_index: int) -> Iterator[Dict[str, np.ndarray]]:
+  """Infinite: per step this process's (L,) split indices, epoch and in-epoch positions."""
+  n = len(keep)
+  steps = n // global_batch
+  epoch, first = divmod(start_step, steps)
+  offset = process_index * local_batch + np.arange(local_batch)
+  while True:
+    order = keep[np.random.default_rng([seed, epoch]).permutation(n)]
+    for i in range(first, steps):
+      position = i * global_batch + offset
+      yield {"index": order[position], "epoch": np.full(local_batch, epoch, np.int64),
+             "position": position.astype(np.int64)}
+    epoch, first = epoch + 1, 0
+
+
+def _augment_fn(spec: datasets.DatasetSpec, seed: int):
+  if spec.augmentation != "pad_crop_flip":
+    raise ValueError(f"No in-memory augmentation {spec.augmentation!r} for {spec.name!r}.")
+
+  def fn(ex):
+    example_seed = augment.example_seed(seed, ex["epoch"], ex["position"])
+    return {"image": augment.pad_crop_flip(ex["image"], example_seed, spec.crop_padding),
+            "label": ex["label"]}
+  return fn
+
+
+def train_iterator(config: ml_collections.ConfigDict, *, start_step: int, process_index: int,
+                   process_count: int) -> Iterator[Batch]:
+  """See `pipeline.train_iterator`."""
+  spec = datasets.get_spec(config.data.name)
+  local = batching.local_batch_size(config.batch_size, process_count, "batch_size")
+  batching.check_process(process_index, process_count)
+  if config.seed < 0:
+    raise ValueError(f"config.seed={config.seed} must be >= 0 (it seeds numpy's permutation).")
+  images, labels, keep = sources.train_examples(config.data)
+  batching.train_steps_per_epoch(len(keep), config)  # Raises on an empty epoch.
+  indices = functools.partial(
+    _index_batches, keep, seed=config.seed, start_step=start_step, global_batch=config.batch_size,
+    local_batch=local, process_index=process_index)
+
+  def batches():
+    for b in indices():
+      yield {"image": images[b["index"]], "label": labels[b["index"]],
+             "epoch": b["epoch"], "position": b["position"]}
+
+  h, w, c = images.shape[1:]
+  ds = tf.data.Dataset.from_generator(batches, output_signature={
+    "image": tf.TensorSpec((local, h, w, c), tf.uint8),
+    "label": tf.TensorSpec((local,), tf.int32),
+    "epoch": tf.TensorSpec((local,), tf.int64),
+    "position": tf.TensorSpec((local,), tf.int64)})
+  if config.data.augment:
+    ds = ds.unbatch().map(_augment_fn(spec, config.seed), num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True).batch(local, drop_remainder=True)
+  ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+  return iter(ds.prefetch(config.data.prefetch).as_numpy_iterator())
+
+
+def eval_iterator(config: ml_collections.ConfigDict, *, process_index: int,
+                  process_count: int) -> Iterator[Batch]:
+  """See `pipeline.eval_iterator`: global eval batch i is test examples [i*G, (i+1)*G),
+  zero-padded past the end; process p takes rows [p*L, (p+1)*L) of it."""
+  local = batching.local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
+  batching.check_process(process_index, process_count)
+  images, labels = sources.test_arrays(config.data)
+  steps = batching.eval_steps(len(labels), local, process_count, contiguous=False)
+  return _eval_batches(images, labels, steps=steps, global_batch=config.eval_batch_size,
+                       local_batch=local, process_index=process_index)
+
+
+def _eval_batches(images: np.ndarray, labels: np.ndarray, *, steps: int, global_batch: int,
+                  local_batch: int, process_index: int) -> Iterator[Batch]:
+  n = len(labels)
+  offset = process_index * local_batch + np.arange(local_batch)
+  for i in range(steps):
+    position = i * global_batch + offset
+    mask = position < n
+    valid = position[mask]
+    image = np.zeros((local_batch,) + images.shape[1:], np.uint8)
+    label = np.zeros((local_batch,), np.int32)
+    image[mask] = images[valid]
+    label[mask] = labels[valid]
+    yield {"image": image, "label": label, "mask": mask}
