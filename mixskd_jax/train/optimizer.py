@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_collections
 import optax
 
 from mixskd_jax.objective import FROZEN, TRAINABLE
+from mixskd_jax.train.schedule import reference_schedule
 
 
 def reference_sgd(learning_rate: optax.ScalarOrSchedule, *, momentum: float, nesterov: bool,
@@ -26,3 +28,16 @@ def partitioned(tx: optax.GradientTransformation, partition: Any) -> optax.Gradi
     partition: pytree of TRAINABLE / FROZEN labels, e.g. `objective.parameter_partition`.
   """
   return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, partition)
+
+
+def build_optimizer(config: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int,
+                    partition: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`config.optimizer` -> (partitioned reference SGD, its learning-rate schedule)."""
+  opt = config.optimizer
+  schedule = reference_schedule(
+      base_lr=opt.learning_rate, steps_per_epoch=steps_per_epoch, num_epochs=num_epochs,
+      warmup_epochs=opt.warmup_epochs, schedule=opt.schedule, milestones=tuple(opt.milestones),
+      decay_factor=opt.decay_factor)
+  tx = reference_sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov,
+                     weight_decay=opt.weight_decay)
+  return partitioned(tx, partition), schedule

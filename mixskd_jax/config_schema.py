@@ -1,0 +1,95 @@
+"""The fields every experiment config has (configs/*.py start from `base_config()`), and the
+`:smoke` shrink that every config accepts."""
+
+import ml_collections
+
+from mixskd_jax.objective import TERMS, VARIANTS
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the trainer reads, with the official CIFAR recipe's values where it has one."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cifar_resnet18"        # mixskd_jax.models.SPECS
+  c.model.mixskd = True                  # False: plain backbone with cross-entropy (baselines)
+  c.model.dtype = "float32"              # compute dtype; parameters stay float32
+  c.model.discriminator_hidden = 128
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "cifar100"               # fashion_mnist, cifar10, cifar100, imagenet2012
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
+  c.data.manual_dir = ml_collections.config_dict.placeholder(str)  # imagenet2012 tars
+  c.data.idx_dir = ml_collections.config_dict.placeholder(str)  # local Fashion-MNIST IDX files
+  c.data.augment = True
+  c.data.train_examples_per_class = ml_collections.config_dict.placeholder(int)  # balanced subset
+  c.data.train_examples = ml_collections.config_dict.placeholder(int)  # cap, for smoke runs
+  c.data.test_examples = ml_collections.config_dict.placeholder(int)   # cap, for smoke runs
+  c.data.prefetch = 2
+
+  c.batch_size = 64                      # global clean batch (the network sees 2x with mixup)
+  c.eval_batch_size = 500                # global; the last batch is padded and masked
+  c.num_epochs = 205
+  c.num_train_steps = -1                 # > 0 overrides num_epochs (smoke runs)
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.variant = "full"           # reference_cifar | full | adversarial
+  c.objective.alpha = 0.4                # mixup Beta(alpha, alpha)
+  c.objective.temperature = 3.0
+  c.objective.weights = ml_collections.ConfigDict({t: 1.0 for t in TERMS})
+  c.objective.weights.mixup_ce = ml_collections.config_dict.placeholder(float)  # None: variant
+  c.objective.weights.self_teacher_ce = ml_collections.config_dict.placeholder(float)
+  c.objective.gradient_reversal_scale = 1.0
+  c.objective.mix_shards = -1            # pairs stay in each of this many shards; -1: #devices
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 5e-4        # coupled L2, as PyTorch SGD
+  c.optimizer.warmup_epochs = 5          # linear, per step
+  c.optimizer.schedule = "multistep"     # multistep | cosine | constant, per epoch after warm-up
+  c.optimizer.milestones = (100, 150)    # epochs after warm-up (multistep)
+  c.optimizer.decay_factor = 0.1
+
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = "auto"      # auto: when the environment describes a cluster
+  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
+  c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+  c.distributed.process_id = ml_collections.config_dict.placeholder(int)
+  c.distributed.local_device_ids = ml_collections.config_dict.placeholder(tuple)
+  c.distributed.cpu_collectives = ml_collections.config_dict.placeholder(str)  # "gloo" on CPU
+  return c
+
+
+def finalize(config: ml_collections.ConfigDict, arg: str = "") -> ml_collections.ConfigDict:
+  """Applies the config-file argument: comma-separated tokens after the path's ':'.
+
+  * an objective variant (`reference_cifar`, `full`, `adversarial`) selects it;
+  * `smoke` shrinks the run to a few tiny steps that exercise every code path (data, step,
+    eval, checkpoint, results) in about a minute on a laptop.
+
+  Example: --config=configs/cifar100_resnet18_mixskd.py:reference_cifar,smoke
+  """
+  for token in filter(None, (t.strip() for t in arg.split(","))):
+    if token in VARIANTS:
+      config.objective.variant = token
+    elif token == "smoke":
+      config.num_train_steps = 4
+      config.batch_size = 8
+      config.eval_batch_size = 16
+      config.data.train_examples = 64
+      config.data.test_examples = 40
+      config.log_every_steps = 2
+      config.checkpoint_every_steps = 2
+      config.optimizer.warmup_epochs = 0
+    else:
+      raise ValueError(f"Unknown config argument {token!r}; use 'smoke' and/or one of "
+                       f"{VARIANTS}, comma-separated.")
+  return config
