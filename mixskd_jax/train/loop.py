@@ -144,6 +144,7 @@ class Trainer:
     finally:
       writer.flush()
       checkpoints.close()
+    self.state = state  # the final state, for notebooks and tests
     return self._results(state, time.time() - t0, start)
 
   def _train(self, state, start, checkpoints, writer):
