@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = "auto"      # auto: when the environment describes a cluster
+  c.distributed.initialize = "auto"      # auto (when a cluster is configured) | always | never
   c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
   c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
   c.distributed.process_id = ml_collections.config_dict.placeholder(int)

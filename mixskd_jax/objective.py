@@ -54,7 +54,7 @@ class ObjectiveConfig:
   def __post_init__(self):
     if self.variant not in VARIANTS:
       raise ValueError(f"objective variant={self.variant!r} is unknown; use one of {VARIANTS}.")
-    if self.temperature <= 0:
+    if not self.temperature > 0:  # also refuses NaN
       raise ValueError(f"objective temperature={self.temperature} must be > 0.")
     names = [n for n, _ in self.weights]
     if sorted(names) != sorted(TERMS):

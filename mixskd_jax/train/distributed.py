@@ -22,7 +22,7 @@ def _cluster_in_environment() -> bool:
 def maybe_initialize(dist: ml_collections.ConfigDict) -> bool:
   """Calls `jax.distributed.initialize` once, before any device is used.
 
-  `config.distributed.initialize`: True always, False never, "auto" when a coordinator
+  `config.distributed.initialize`: "always", "never", or "auto" when a coordinator
   address is configured or the environment describes a cluster (SLURM with several tasks,
   a multi-host Cloud TPU, JAX_COORDINATOR_ADDRESS). Unset address / process fields are
   auto-detected by JAX. `cpu_collectives` (e.g. "gloo") enables cross-process collectives
@@ -32,10 +32,11 @@ def maybe_initialize(dist: ml_collections.ConfigDict) -> bool:
     Whether this call initialized the distributed runtime.
   """
   mode = dist.initialize
-  if mode not in (True, False, "auto"):
-    raise ValueError(f"config.distributed.initialize={mode!r} must be True, False or 'auto'.")
-  wanted = mode is True or (mode == "auto" and (dist.coordinator_address is not None
-                                                  or _cluster_in_environment()))
+  if mode not in ("always", "never", "auto"):
+    raise ValueError(f"config.distributed.initialize={mode!r} must be 'always', 'never' or "
+                     "'auto'.")
+  wanted = mode == "always" or (mode == "auto" and (dist.coordinator_address is not None
+                                                     or _cluster_in_environment()))
   if not wanted or jax.distributed.is_initialized():
     return False
   if dist.get("cpu_collectives"):

@@ -1,0 +1,110 @@
+"""train_and_evaluate end to end on tiny configs: real data pipeline, sharded steps over the 8
+fake devices, checkpoints, metrics, results.json; and the errors a bad config gets."""
+
+import glob
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from mixskd_jax import data
+from mixskd_jax.train.loop import Trainer, train_and_evaluate
+from tests.training_configs import tiny_config
+
+
+def read_results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+def test_fashion_mnist_end_to_end(tmp_path):
+  """3 epochs of 4 steps: finite loss, checkpoints at 4/8/12, one eval per epoch, every head
+  and the self-teacher evaluated on all 40 test images, results.json complete."""
+  workdir = str(tmp_path)
+  results = train_and_evaluate(tiny_config(), workdir)
+  assert results == read_results(workdir)
+  assert results["finished"] and results["step"] == 12 and results["devices"] == 8
+  assert sorted(int(os.path.basename(p)) for p in glob.glob(f"{workdir}/checkpoints/*")) == [
+      4, 8, 12]
+  assert [h["step"] for h in results["history"]] == [4, 8, 12]
+  final = results["final"]
+  assert final["eval/count"] == 40
+  for head in ("branch1", "branch2", "backbone", "self_teacher"):
+    assert 0 <= final[f"eval/top1/{head}"] <= final[f"eval/top5/{head}"] <= 100
+  assert final["eval/top1_max_over_heads_reference_protocol"] == max(
+      final[f"eval/top1/{h}"] for h in ("branch1", "branch2", "backbone"))
+  assert results["best_backbone_top1"] == max(h["eval/top1/backbone"] for h in results["history"])
+  assert math.isfinite(final["eval/loss"])
+  assert glob.glob(f"{workdir}/events.out.tfevents.*")
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["name"] == "small_resnet"
+
+
+def test_train_metrics_name_every_term(tmp_path):
+  """Every objective term, each head's training accuracy and the learning rate are logged."""
+  trainer = Trainer(tiny_config({"num_train_steps": 2}), str(tmp_path))
+  trainer.run()
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+  events.Reload()
+  tags = set(events.Tags()["tensors"])
+  for term in ("clean_ce", "mixup_ce", "self_teacher_ce", "kl_self_teacher", "kl_branches",
+               "feature_mse", "discriminator", "loss", "learning_rate", "accuracy/backbone"):
+    assert f"train/{term}" in tags, term
+
+
+def test_cifar100_on_mock_data(tmp_path):
+  """The CIFAR-100 path (32x32x3, 100 classes) on tfds mock data, plain-CE baseline too."""
+  overrides = {"data.name": "cifar100", "num_train_steps": 2, "data.train_examples": None}
+  with tfds.testing.mock_data(num_examples=48):
+    mixskd = train_and_evaluate(tiny_config(overrides), str(tmp_path / "mixskd"))
+    plain = train_and_evaluate(tiny_config({**overrides, "model.mixskd": False}),
+                               str(tmp_path / "ce"))
+  assert mixskd["finished"] and mixskd["final"]["eval/count"] == 40
+  assert plain["method"] == "cross_entropy"
+  assert set(k for k in plain["final"] if k.startswith("eval/top1/")) == {"eval/top1/backbone"}
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  """A run that goes non-finite stops with the step and the term, and the checkpoint from
+  before stays the latest (no non-finite state is ever saved)."""
+  workdir = str(tmp_path)
+  train_and_evaluate(tiny_config({"num_train_steps": 4}), workdir)
+  # A NaN weight makes the loss (and from then on the parameters) NaN at step 5.
+  with pytest.raises(FloatingPointError, match=r"train/loss = nan at step 5"):
+    train_and_evaluate(tiny_config({"num_train_steps": 8,
+                                    "objective.weights.feature_mse": float("nan")}), workdir)
+  assert [os.path.basename(p) for p in glob.glob(f"{workdir}/checkpoints/*")] == ["4"]
+  trainer = Trainer(tiny_config({"num_train_steps": 4}), workdir)
+  from mixskd_jax.train.checkpoint import Checkpoints
+  restored = Checkpoints(workdir, keep=3).restore_or_keep(trainer.state)
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(restored.params))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.name": "resnet9000"}, "Unknown model 'resnet9000'"),
+    ({"data.name": "svhn"}, "config.data.name"),
+    ({"batch_size": 12}, "config.batch_size=12 does not split evenly over 8 devices"),
+    ({"eval_batch_size": 20}, "config.eval_batch_size=20"),
+    ({"objective.variant": "paper"}, "variant='paper'"),
+    ({"optimizer.schedule": "linear"}, "config.optimizer.schedule"),
+    ({"model.dtype": "float8"}, "config.model.dtype"),
+])
+def test_bad_configs_are_clear_errors(tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    Trainer(tiny_config(overrides), str(tmp_path))
+
+
+def test_missing_data_offline_is_a_clear_error(tmp_path, monkeypatch):
+  def no_network(self, *args, **kwargs):
+    raise ConnectionError("no network in this test")
+  monkeypatch.setattr(tfds.image_classification.FashionMNIST, "download_and_prepare", no_network)
+  empty = tmp_path / "idx"
+  empty.mkdir()
+  config = tiny_config({"data.data_dir": str(tmp_path / "tfds"), "data.idx_dir": str(empty)})
+  with pytest.raises(data.FashionMNISTMissingError, match="dataset-fashion-mnist"):
+    Trainer(config, str(tmp_path / "work"))

@@ -1,0 +1,40 @@
+"""Runs one training in a fresh process, for tests that need their own device count, several
+processes (multi-host) or to kill a run: python tests/train_runner.py --help."""
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--devices", type=int, default=1, help="fake CPU devices of this process")
+  parser.add_argument("--overrides", default="{}", help="JSON of dotted config fields")
+  parser.add_argument("--dump", help="write the final params here (.npz), from every process")
+  return parser.parse_args()
+
+
+def main():
+  args = parse_args()
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.train.loop import Trainer  # pylint: disable=import-outside-toplevel
+  from tests.training_configs import tiny_config  # pylint: disable=import-outside-toplevel
+
+  config = tiny_config(json.loads(args.overrides))
+  trainer = Trainer(config, args.workdir)
+  results = trainer.run()
+  if args.dump:
+    leaves = jax.tree_util.tree_leaves_with_path(trainer.state.params)
+    np.savez(args.dump, **{jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
+                           for path, leaf in leaves})
+  print("RESULTS", json.dumps({k: v for k, v in results.items() if k != "history"}))
+
+
+if __name__ == "__main__":
+  main()
