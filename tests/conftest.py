@@ -7,3 +7,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 if os.environ.get("MIXSKD_REQUIRE_TORCH"):
   import torch  # noqa: F401  (fail loudly instead of skipping the PyTorch comparisons)
+
+
+import pytest  # noqa: E402  (after the environment set-up above)
+
+
+@pytest.fixture
+def fashion_mnist_offline(tmp_path, monkeypatch):
+  """No tfds download, an empty tfds data_dir and an empty IDX folder: returns both paths."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  def no_network(self, *args, **kwargs):
+    raise ConnectionError("no network in this test")
+  monkeypatch.setattr(tfds.image_classification.FashionMNIST, "download_and_prepare", no_network)
+  empty = tmp_path / "idx"
+  empty.mkdir()
+  return str(tmp_path / "tfds"), str(empty)

@@ -140,13 +140,9 @@ def test_local_fashion_mnist_builder_on_the_debian_files(tmp_path):
   assert (idx_labels[first_in_tfds] == labels[0]).all()
 
 
-def test_fashion_mnist_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
-  def no_network(self, *args, **kwargs):
-    raise ConnectionError("no network in this test")
-  monkeypatch.setattr(tfds.image_classification.FashionMNIST, "download_and_prepare", no_network)
-  empty = tmp_path / "idx"
-  empty.mkdir()
-  c = make_config("fashion_mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(empty))
+def test_fashion_mnist_missing_offline_is_a_clear_error(fashion_mnist_offline):
+  data_dir, empty = fashion_mnist_offline
+  c = make_config("fashion_mnist", data_dir=data_dir, idx_dir=empty)
   with pytest.raises(data.FashionMNISTMissingError) as e:
     data.get_dataset_info(c.data)
   message = str(e.value)

@@ -99,12 +99,8 @@ def test_bad_configs_are_clear_errors(tmp_path, overrides, message):
     Trainer(tiny_config(overrides), str(tmp_path))
 
 
-def test_missing_data_offline_is_a_clear_error(tmp_path, monkeypatch):
-  def no_network(self, *args, **kwargs):
-    raise ConnectionError("no network in this test")
-  monkeypatch.setattr(tfds.image_classification.FashionMNIST, "download_and_prepare", no_network)
-  empty = tmp_path / "idx"
-  empty.mkdir()
-  config = tiny_config({"data.data_dir": str(tmp_path / "tfds"), "data.idx_dir": str(empty)})
+def test_missing_data_offline_is_a_clear_error(tmp_path, fashion_mnist_offline):
+  data_dir, empty = fashion_mnist_offline
+  config = tiny_config({"data.data_dir": data_dir, "data.idx_dir": empty})
   with pytest.raises(data.FashionMNISTMissingError, match="dataset-fashion-mnist"):
     Trainer(config, str(tmp_path / "work"))
