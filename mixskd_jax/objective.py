@@ -109,10 +109,6 @@ def _split(x: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
   return x[:batch_size], x[batch_size:]
 
 
-def _mean(x: jax.Array) -> jax.Array:
-  return jnp.mean(x)
-
-
 def mixskd_loss(
     outputs: ModelOutputs,
     labels: jax.Array,
@@ -152,8 +148,8 @@ def mixskd_loss(
   # "Mix of the outputs": interpolate the clean half with the input's lam and permutation.
   interp_logits, interp_feats = mixing.mix((clean_logits, clean_feats), mix)
   labels_b = mixing.permute(labels, mix.perm)
-  mix_ce = lambda z: _mean(losses.mixup_cross_entropy(z, labels, labels_b, mix.lam))
-  kl = lambda s, t: _mean(losses.temperature_kl(s, t, config.temperature))
+  mix_ce = lambda z: jnp.mean(losses.mixup_cross_entropy(z, labels, labels_b, mix.lam))
+  kl = lambda s, t: jnp.mean(losses.temperature_kl(s, t, config.temperature))
 
   teacher_interp = losses.upcast(self_teacher(interp_feats))   # t_hat
   teacher_mixup = losses.upcast(self_teacher(mixup_feats))     # t_tilde
@@ -165,7 +161,7 @@ def mixskd_loss(
   disc_logits = discriminators(pooled)
 
   terms = {
-      "clean_ce": sum(_mean(losses.cross_entropy(c, labels)) for c in clean_logits),
+      "clean_ce": sum(jnp.mean(losses.cross_entropy(c, labels)) for c in clean_logits),
       "mixup_ce": sum(mix_ce(m) for m in mixup_logits),
       "self_teacher_ce": mix_ce(teacher_interp) + mix_ce(teacher_mixup),
       # The main head learns across views from the self-teacher ...
@@ -175,9 +171,9 @@ def mixskd_loss(
       "kl_branches": sum((kl(interp_logits[k], mixup_logits[k])
                           + kl(mixup_logits[k], interp_logits[k])
                           for k in range(num_heads - 1)), jnp.zeros((), jnp.float32)),
-      "feature_mse": sum(_mean(losses.feature_mse(i, m))
+      "feature_mse": sum(jnp.mean(losses.feature_mse(i, m))
                          for i, m in zip(interp_feats, mixup_feats)),
-      "discriminator": sum(_mean(losses.discriminator_bce(d[:batch], d[batch:]))
+      "discriminator": sum(jnp.mean(losses.discriminator_bce(d[:batch], d[batch:]))
                            for d in disc_logits),
   }
   loss = jnp.zeros((), jnp.float32)

@@ -9,10 +9,9 @@ import socket
 import subprocess
 
 import numpy as np
-import pytest
 
-from tests.test_resume import command, load, run  # noqa: F401  (prepares the data once)
-from tests.test_resume import prepared_fashion_mnist  # noqa: F401
+from tests.test_resume import command, load, run
+from tests.test_resume import prepared_fashion_mnist  # noqa: F401  (autouse: data prepared once)
 
 STEPS = {"num_train_steps": 6, "checkpoint_every_steps": 3}
 

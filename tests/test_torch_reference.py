@@ -91,7 +91,7 @@ def test_cifar18_state_dict_layout(cifar18):
             r"|downsample\.0\.weight|downsample\.1\.(weight|bias|running_mean|running_var|num_batches_tracked))"
     bn = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
     patterns = [
-        rf"backbone\.conv1\.weight",
+        r"backbone\.conv1\.weight",
         rf"backbone\.bn1\.{bn}",
         rf"backbone\.layer[1-4]\.{block}",
         r"backbone\.fc\.(weight|bias)",

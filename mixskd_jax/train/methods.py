@@ -44,9 +44,7 @@ def mixskd_method(config: ml_collections.ConfigDict, *, num_shards: int) -> Meth
 
   def loss(model: nn.Module, variables, images, labels, key):
     mix = mixing.sample_mix(key, images.shape[0], alpha, num_shards)
-    loss, (terms, outputs, batch_stats) = objective.apply_mixskd(
-        model, variables, images, labels, mix, obj)
-    return loss, (terms, outputs, batch_stats)
+    return objective.apply_mixskd(model, variables, images, labels, mix, obj)
 
   return Method("mixskd", loss, lambda params: objective.parameter_partition(params, obj))
 
