@@ -10,6 +10,9 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field the trainer reads, with the official CIFAR recipe's values where it has one."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # mixskd | cross_entropy | label_smoothing | mixup | cutmix | cs_kd | ps_kd | byot;
+  # None: mixskd when model.mixskd else cross_entropy.
+  c.method = ml_collections.config_dict.placeholder(str)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cifar_resnet18"        # mixskd_jax.models.SPECS
@@ -27,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_examples = ml_collections.config_dict.placeholder(int)  # cap, for smoke runs
   c.data.test_examples = ml_collections.config_dict.placeholder(int)   # cap, for smoke runs
   c.data.prefetch = 2
+  c.data.example_ids = False             # batches carry 'example_id' (ps_kd needs it)
+  c.data.class_pairs = False             # batches carry a same-class 'pair_image' (cs_kd)
 
   c.batch_size = 64                      # global clean batch (the network sees 2x with mixup)
   c.eval_batch_size = 500                # global; the last batch is padded and masked
@@ -43,6 +48,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.gradient_reversal_scale = 1.0
   c.objective.mix_shards = -1            # pairs stay in each of this many shards; -1: #devices
 
+  # The baselines' hyperparameters (spec §7: Self-KD-Lib's values).
+  c.baselines = ml_collections.ConfigDict()
+  c.baselines.label_smoothing = 0.1      # eps: 1 - eps on the label, eps / (C - 1) elsewhere
+  c.baselines.mixup_alpha = 0.4
+  c.baselines.cutmix_alpha = 1.0
+  c.baselines.kd_temperature = 4.0       # CS-KD and BYOT
+  c.baselines.cs_kd_weight = 1.0
+  c.baselines.ps_kd_alpha = 0.8          # alpha_T; alpha_t = alpha_T * (epoch + 1) / epochs
+  c.baselines.byot_kl_weight = 1.0
+  c.baselines.byot_feature_weight = 0.05
+
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 0.1
   c.optimizer.momentum = 0.9
@@ -55,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1
+  c.eval_calibration_bins = 15           # confidence bins of the expected calibration error
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
 

@@ -71,3 +71,26 @@ def imagenet(*, mixskd: bool = True) -> ml_collections.ConfigDict:
     c.optimizer.schedule = "multistep"
     c.optimizer.milestones = (30, 60, 90)
   return c
+
+
+def with_method(config: ml_collections.ConfigDict, method: str,
+                variant: str | None = None) -> ml_collections.ConfigDict:
+  """`config` set up to train `method` (one of `train.methods.METHODS`), all else unchanged.
+
+  Sets `config.method`, whether the network carries auxiliary branches (mixskd, byot), the
+  input-pipeline fields the method needs (CS-KD's same-class pairs, PS-KD's example ids) and,
+  for mixskd, the objective `variant` if given. Returns a copy.
+  """
+  from mixskd_jax.train import methods  # pylint: disable=import-outside-toplevel  (jax-heavy)
+  if method not in methods.METHODS:
+    raise ValueError(f"method={method!r} is unknown; use one of {methods.METHODS}.")
+  if variant is not None and method != "mixskd":
+    raise ValueError(f"variant={variant!r} applies to method 'mixskd' only, not {method!r}.")
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.method = method
+  c.model.mixskd = method in methods.BRANCHED_METHODS
+  c.data.class_pairs = method == "cs_kd"
+  c.data.example_ids = method == "ps_kd"
+  if variant is not None:
+    c.objective.variant = variant
+  return c

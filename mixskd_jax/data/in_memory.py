@@ -27,19 +27,53 @@ Batch = Dict[str, np.ndarray]
 
 
 def _index_batches(keep: np.ndarray, *, seed: int, start_step: int, global_batch: int,
-                   local_batch: int, process_index: int) -> Iterator[Dict[str, np.ndarray]]:
-  """Infinite: per step this process's (L,) split indices, epoch and in-epoch positions."""
+                   local_batch: int, process_index: int,
+                   labels: np.ndarray | None = None) -> Iterator[Dict[str, np.ndarray]]:
+  """Infinite: per step this process's (L,) split indices, epoch and in-epoch positions,
+  and with `labels` a same-class partner's split index per example (`partner`)."""
   n = len(keep)
   steps = n // global_batch
   epoch, first = divmod(start_step, steps)
   offset = process_index * local_batch + np.arange(local_batch)
   while True:
     order = keep[np.random.default_rng([seed, epoch]).permutation(n)]
+    if labels is not None:
+      # Its own stream, so turning pairs on does not change the training order.
+      partners = class_partners(order, labels, np.random.default_rng([seed, epoch, 1]))
     for i in range(first, steps):
       position = i * global_batch + offset
-      yield {"index": order[position], "epoch": np.full(local_batch, epoch, np.int64),
-             "position": position.astype(np.int64)}
+      b = {"index": order[position], "epoch": np.full(local_batch, epoch, np.int64),
+           "position": position.astype(np.int64)}
+      if labels is not None:
+        b["partner"] = partners[position]
+      yield b
     epoch, first = epoch + 1, 0
+
+
+def class_partners(order: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """For every example in `order`, one uniformly drawn *other* example of the same class.
+
+  Args:
+    order: (M,) split indices of the kept examples (one epoch's order).
+    labels: (N,) labels of the whole split.
+    rng: the epoch's generator.
+
+  Returns:
+    (M,) split indices; an example alone in its class is its own partner.
+  """
+  partners = np.empty_like(order)
+  classes = labels[order]
+  for c in np.unique(classes):
+    where = np.flatnonzero(classes == c)
+    members = order[where]
+    n = len(members)
+    if n == 1:
+      partners[where] = members
+      continue
+    # A shift of 1..n-1 around the class's members never lands on the example itself.
+    shift = rng.integers(1, n, size=n)
+    partners[where] = members[(np.arange(n) + shift) % n]
+  return partners
 
 
 def _augment_fn(spec: datasets.DatasetSpec, seed: int):
@@ -63,18 +97,33 @@ def train_iterator(config: ml_collections.ConfigDict, *, start_step: int, proces
     raise ValueError(f"config.seed={config.seed} must be >= 0 (it seeds numpy's permutation).")
   images, labels, keep = sources.train_examples(config.data)
   batching.train_steps_per_epoch(len(keep), config)  # Raises on an empty epoch.
+  pairs = bool(config.data.get("class_pairs", False))
+  example_ids = bool(config.data.get("example_ids", False))
   indices = functools.partial(
     _index_batches, keep, seed=config.seed, start_step=start_step, global_batch=config.batch_size,
-    local_batch=local, process_index=process_index)
+    local_batch=local, process_index=process_index, labels=labels if pairs else None)
 
   augment_batch = _augment_batch_fn(spec, config.seed) if config.data.augment else None
 
+  def load(index, epoch, position):
+    image = images[index]
+    if augment_batch is not None:
+      image = augment_batch(image, epoch, position).numpy()
+    return image
+
   def batches():
     for b in indices():
-      image = images[b["index"]]
-      if augment_batch is not None:
-        image = augment_batch(image, b["epoch"], b["position"]).numpy()
-      yield {"image": image, "label": labels[b["index"]]}
+      batch = {"image": load(b["index"], b["epoch"], b["position"]),
+               "label": labels[b["index"]]}
+      if example_ids:
+        # Dense ids 0..M-1 over the kept examples (`keep` is increasing), so per-example
+        # state needs M rows, not one per example of the whole split.
+        batch["example_id"] = np.searchsorted(keep, b["index"]).astype(np.int32)
+      if pairs:
+        # The partner gets its own augmentation: positions n.. are never used by examples.
+        batch["pair_image"] = load(b["partner"], b["epoch"], b["position"] + len(keep))
+        batch["pair_label"] = labels[b["partner"]]
+      yield batch
 
   # Batches are made in a Python thread calling one tf.function per batch, not through
   # tf.data.Dataset.from_generator: while a from_generator iterator merely exists, XLA's CPU

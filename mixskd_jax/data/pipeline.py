@@ -42,8 +42,11 @@ def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
     process_index, process_count: this process and how many there are.
 
   Yields:
-    {'image': (L, H, W, C) uint8, 'label': (L,) int32}, L = config.batch_size // process_count.
-    The processes' slices of one step, concatenated in process order, are the global batch.
+    {'image': (L, H, W, C) uint8, 'label': (L,) int32}, L = config.batch_size // process_count;
+    with `data.example_ids` also 'example_id' (L,) int32 (0..num_train-1 over the kept training
+    examples, for per-example state such as PS-KD's predictions); with `data.class_pairs` also
+    'pair_image' / 'pair_label': a random other training example of the same class, augmented
+    on its own (CS-KD). The processes' slices of one step, concatenated in process order, are the global batch.
 
   Raises:
     ValueError: unknown dataset, batch not divisible by process_count, an epoch without a

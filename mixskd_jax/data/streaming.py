@@ -37,6 +37,11 @@ def train_iterator(config: ml_collections.ConfigDict, *, start_step: int, proces
                    process_count: int) -> Iterator[Batch]:
   """See `pipeline.train_iterator`."""
   spec = datasets.get_spec(config.data.name)
+  for field in ("class_pairs", "example_ids"):
+    if config.data.get(field, False):
+      raise ValueError(f"config.data.{field}=True needs an in-memory dataset (fashion_mnist, "
+                       f"cifar10, cifar100), not the streamed {spec.name!r}: the methods that "
+                       "use it (cs_kd, ps_kd) index the whole training set.")
   local = batching.local_batch_size(config.batch_size, process_count, "batch_size")
   batching.check_process(process_index, process_count)
   builder = sources.get_builder(config.data)

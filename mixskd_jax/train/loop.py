@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -21,7 +22,7 @@ from mixskd_jax import data
 from mixskd_jax.models.registry import build_model
 from mixskd_jax.train import distributed, sharding, steps
 from mixskd_jax.train.checkpoint import Checkpoints
-from mixskd_jax.train.methods import build_method
+from mixskd_jax.train.methods import build_method, check_config as check_method_config
 from mixskd_jax.train.optimizer import build_optimizer
 from mixskd_jax.train.state import TrainState
 
@@ -64,6 +65,37 @@ def _check_finite(buffer: list[dict], first_step: int) -> None:
             "good checkpoint is kept. Lower config.optimizer.learning_rate or check the data.")
 
 
+class _StepTimer:
+  """Wall time of the training steps alone: starts once the first step is done and leaves out
+  the `excluded` blocks (evaluation, checkpointing). Blocks on the state at each boundary so
+  asynchronously dispatched steps are counted where they run."""
+
+  def __init__(self):
+    self._t0, self._excluded = None, 0.0
+
+  def start(self, state) -> None:
+    jax.block_until_ready(state)
+    self._t0 = time.perf_counter()
+
+  @contextlib.contextmanager
+  def excluded(self, state):
+    if self._t0 is None:
+      yield
+      return
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._excluded += time.perf_counter() - t
+
+  def stop(self, state, steps: int) -> float | None:
+    if self._t0 is None or steps < 1:
+      return None
+    jax.block_until_ready(state)
+    return (time.perf_counter() - self._t0 - self._excluded) / steps
+
+
 def _write_json(path: str, obj: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -76,6 +108,7 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     distributed.maybe_initialize(config.distributed)
+    check_method_config(config)  # before any data is loaded
     self.config, self.workdir = config, workdir
     self.is_chief = jax.process_index() == 0
     self.info = data.get_dataset_info(config.data)
@@ -91,7 +124,10 @@ class Trainer:
                              dtype=DTYPES[config.model.dtype],
                              discriminator_hidden=config.model.discriminator_hidden)
     shards = config.objective.mix_shards if config.objective.mix_shards > 0 else self.mesh.size
-    self.method = build_method(config, num_shards=shards)
+    # The schedule spans whole epochs even when num_train_steps ends mid-epoch.
+    self.num_epochs = max(config.num_epochs, math.ceil(self.num_steps / self.steps_per_epoch))
+    self.method = build_method(config, num_shards=shards, steps_per_epoch=self.steps_per_epoch,
+                               num_epochs=self.num_epochs)
     self.root_key, init_key = jax.random.split(jax.random.key(config.seed))
     self.state, self.tx, self.schedule = self._init_state(init_key)
     self._compile()
@@ -100,11 +136,13 @@ class Trainer:
     repl = sharding.replicated(self.mesh)
     dummy = jnp.zeros((1,) + tuple(self.info.image_shape), jnp.float32)
     variables = jax.jit(self.model.init, out_shardings=repl)(key, dummy)
-    epochs = max(self.config.num_epochs, math.ceil(self.num_steps / self.steps_per_epoch))
     tx, schedule = build_optimizer(self.config, steps_per_epoch=self.steps_per_epoch,
-                                   num_epochs=epochs,
+                                   num_epochs=self.num_epochs,
                                    partition=self.method.partition(variables["params"]))
-    state = jax.jit(lambda v: TrainState.create(v, tx), out_shardings=repl)(variables)
+    init_method_state = functools.partial(self.method.init_state, self.info.num_train,
+                                          self.info.num_classes)
+    state = jax.jit(lambda v: TrainState.create(v, tx, init_method_state()),
+                    out_shardings=repl)(variables)
     return state, tx, schedule
 
   def _compile(self):
@@ -114,7 +152,8 @@ class Trainer:
         functools.partial(steps.train_step, method=self.method, tx=self.tx,
                           schedule=self.schedule, **common),
         in_shardings=(repl, batch, repl), out_shardings=(repl, repl), donate_argnums=(0,))
-    self.eval_step = jax.jit(functools.partial(steps.eval_step, **common),
+    self.eval_step = jax.jit(functools.partial(
+        steps.eval_step, calibration_bins=self.config.eval_calibration_bins, **common),
                              in_shardings=(repl, batch), out_shardings=repl)
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
@@ -126,7 +165,11 @@ class Trainer:
     for local in iterator:
       sums = self.eval_step(state, sharding.to_global(local, batch_sharding))
       totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    return steps.summarize_eval(jax.device_get(totals))
+    totals = jax.device_get(totals)
+    # The backbone's reliability diagram of the latest evaluation, for results.json.
+    self.last_calibration = {k.split("/", 1)[1]: np.asarray(v).tolist()
+                             for k, v in totals.items() if k.startswith("calibration/")}
+    return steps.summarize_eval(totals)
 
   def run(self) -> dict[str, Any]:
     os.makedirs(self.workdir, exist_ok=True)
@@ -155,12 +198,15 @@ class Trainer:
     progress = periodic_actions.ReportProgress(num_train_steps=self.num_steps, writer=writer,
                                                every_steps=cfg.log_every_steps)
     buffer, buffer_start = [], start
+    timer = _StepTimer()
     with _Preemption() as preemption:
       for step in range(start, self.num_steps):
         state, metrics = self.train_step(state, sharding.to_global(next(batches), batch_sharding),
                                          self.root_key)
         buffer.append(metrics)
         done = step + 1
+        if step == start:
+          timer.start(state)  # after the first step, which includes compilation
         progress(done)
         stop = preemption.requested or checkpoints.reached_preemption(done)
         last = done == self.num_steps
@@ -170,12 +216,15 @@ class Trainer:
           writer.write_scalars(done, means)
           buffer, buffer_start = [], done
         if done % self.steps_per_epoch == 0 and (done // self.steps_per_epoch) % cfg.eval_every_epochs == 0 or last:
-          self._record_eval(state, done, writer)
+          with timer.excluded(state):
+            self._record_eval(state, done, writer)
         if done % cfg.checkpoint_every_steps == 0 or last or stop:
-          checkpoints.save(done, state)
+          with timer.excluded(state):
+            checkpoints.save(done, state)
         if stop:
           logging.warning("Preempted at step %s: checkpoint saved, exiting.", done)
           break
+    self.train_step_time_s = timer.stop(state, steps=done - start - 1)
     return state
 
   def _record_eval(self, state, step, writer):
@@ -197,7 +246,11 @@ class Trainer:
                "wall_time_s": wall_time, "steps_this_run": step - start,
                "devices": self.mesh.size, "processes": jax.process_count(),
                "dataset": self.config.data.name, "model": self.config.model.name,
-               "method": self.method.name, "variant": self.config.objective.variant}
+               "method": self.method.name, "variant": self.config.objective.variant,
+               # Wall time per training step after the first (compiling) one, evaluations and
+               # checkpoints excluded, input pipeline included; None if too few steps ran.
+               "train_step_time_s": getattr(self, "train_step_time_s", None),
+               "calibration": getattr(self, "last_calibration", None)}
     if history:
       final = history[-1]
       best = max(history, key=lambda h: h["eval/top1/backbone"])
