@@ -28,6 +28,7 @@ from mixskd_jax.train.state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 HISTORY_FILE = "eval_history.jsonl"
+TRAIN_HISTORY_FILE = "train_history.jsonl"  # the logged means of the train metrics
 RESULTS_FILE = "results.json"
 
 
@@ -214,6 +215,7 @@ class Trainer:
           _check_finite(buffer, buffer_start)
           means = jax.tree_util.tree_map(lambda *xs: float(np.mean(xs)), *jax.device_get(buffer))
           writer.write_scalars(done, means)
+          self._append_history(TRAIN_HISTORY_FILE, {"step": done, **means})
           buffer, buffer_start = [], done
         if done % self.steps_per_epoch == 0 and (done // self.steps_per_epoch) % cfg.eval_every_epochs == 0 or last:
           with timer.excluded(state):
@@ -231,9 +233,13 @@ class Trainer:
     metrics = self.evaluate(state)
     writer.write_scalars(step, metrics)
     logging.info("step %s: %s", step, {k: round(v, 3) for k, v in metrics.items()})
+    self._append_history(HISTORY_FILE, {"step": step, "epoch": step / self.steps_per_epoch,
+                                        **metrics})
+
+  def _append_history(self, name: str, record: dict) -> None:
     if self.is_chief:
-      with open(os.path.join(self.workdir, HISTORY_FILE), "a") as f:
-        f.write(json.dumps({"step": step, "epoch": step / self.steps_per_epoch, **metrics}) + "\n")
+      with open(os.path.join(self.workdir, name), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
   def _results(self, state, wall_time, start):
     step = int(jax.device_get(state.step))

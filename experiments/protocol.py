@@ -1,0 +1,160 @@
+"""The comparison protocols: which runs make a results table, each a config and a seed.
+
+A suite names a base config (the recipe every method shares), the methods of the main
+table, the seeds, and the MixSKD ablations. `suite_runs(suite)` lists every run as a
+`Run(name, seed, config)`; the runner trains them and the report reads them back.
+
+* `fashion_mnist`: what this repository's committed table is: real Fashion-MNIST, a fixed
+  class-balanced low-data subset, the small CPU ResNet; sized to finish on a 2-core machine.
+* `cifar100`: the paper's scale (CIFAR-100, CIFAR ResNet-18, the official 205-epoch recipe,
+  64 + 64 images per step) for users with accelerators.
+* `smoke`: the fashion_mnist protocol shrunk to seconds, for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import ml_collections
+
+from mixskd_jax import config_schema, recipes
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """One row of a table: `method` (train.methods.METHODS), MixSKD `variant`, weight overrides."""
+  name: str
+  method: str
+  variant: str | None = None
+  weights: tuple[tuple[str, float], ...] = ()
+
+
+# The main table: the baselines of issue #4 / spec §7, then MixSKD's three variants.
+MAIN_METHODS = (
+    MethodSpec("cross_entropy", "cross_entropy"),
+    MethodSpec("label_smoothing", "label_smoothing"),
+    MethodSpec("mixup", "mixup"),
+    MethodSpec("cutmix", "cutmix"),
+    MethodSpec("cs_kd", "cs_kd"),
+    MethodSpec("ps_kd", "ps_kd"),
+    MethodSpec("byot", "byot"),
+    MethodSpec("mixskd_reference_cifar", "mixskd", "reference_cifar"),
+    MethodSpec("mixskd_full", "mixskd", "full"),
+    MethodSpec("mixskd_adversarial", "mixskd", "adversarial"),
+)
+
+# MixSKD `full` with one part removed (weights set to 0; removed terms are still logged).
+ABLATIONS = (
+    MethodSpec("full_without_feature_mse", "mixskd", "full", (("feature_mse", 0.0),)),
+    MethodSpec("full_without_discriminator", "mixskd", "full", (("discriminator", 0.0),)),
+    MethodSpec("full_without_kl", "mixskd", "full",
+               (("kl_self_teacher", 0.0), ("kl_branches", 0.0))),
+    MethodSpec("full_without_self_teacher", "mixskd", "full",
+               (("self_teacher_ce", 0.0), ("kl_self_teacher", 0.0))),
+    MethodSpec("full_without_mixup_ce", "mixskd", "full", (("mixup_ce", 0.0),)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  """base: the shared recipe; seeds of the main table; ablation_seeds of the ablations."""
+  name: str
+  base: Callable[[], ml_collections.ConfigDict]
+  description: str
+  seeds: tuple[int, ...] = (0, 1, 2)
+  ablation_seeds: tuple[int, ...] = (0,)
+  methods: tuple[MethodSpec, ...] = MAIN_METHODS
+  ablations: tuple[MethodSpec, ...] = ABLATIONS
+
+
+def fashion_mnist_base() -> ml_collections.ConfigDict:
+  """500 training images per class (the first 500 of each class in the split: 5,000 in all,
+  39 steps of 128), the full 10,000-image test set, small_resnet, 8 epochs (312 steps): 1 of
+  linear warm-up, then cosine; SGD Nesterov lr 0.1, wd 5e-4; MixSKD alpha 0.4, T 3."""
+  c = config_schema.base_config()
+  c.model.name = "small_resnet"
+  c.data.name = "fashion_mnist"
+  c.data.train_examples_per_class = 500
+  c.batch_size = 128
+  c.eval_batch_size = 1000
+  c.num_epochs = 8
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_epochs = 1
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.weight_decay = 5e-4
+  c.objective.alpha = 0.4
+  c.objective.temperature = 3.0
+  c.log_every_steps = 13
+  c.checkpoint_every_steps = 78
+  c.keep_checkpoints = 1
+  return c
+
+
+def smoke_base() -> ml_collections.ConfigDict:
+  """The fashion_mnist protocol on 10 images per class, 2 epochs of batch 20, 60 test images."""
+  c = fashion_mnist_base()
+  c.data.train_examples_per_class = 10
+  c.data.test_examples = 60
+  c.batch_size = 20
+  c.eval_batch_size = 30
+  c.num_epochs = 2
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 5
+  return c
+
+
+def cifar100_base() -> ml_collections.ConfigDict:
+  """The official CIFAR-100 recipe for every method (CIFAR ResNet-18, 205 epochs)."""
+  return recipes.cifar("cifar_resnet18")
+
+
+SUITES = {
+    "fashion_mnist": Suite("fashion_mnist", fashion_mnist_base,
+                           "Fashion-MNIST, 500 images/class, small_resnet, 8 epochs"),
+    "cifar100": Suite("cifar100", cifar100_base,
+                      "CIFAR-100, CIFAR ResNet-18, the paper's 205-epoch recipe"),
+    "smoke": Suite("smoke", smoke_base, "a seconds-long shrink of fashion_mnist, for tests",
+                   seeds=(0, 1)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run: `spec` at `seed`; `name` is also its directory name."""
+  spec: MethodSpec
+  seed: int
+  ablation: bool
+  config: ml_collections.ConfigDict
+
+  @property
+  def name(self) -> str:
+    return f"{self.spec.name}/seed{self.seed}"
+
+
+def make_config(base: ml_collections.ConfigDict, spec: MethodSpec,
+                seed: int) -> ml_collections.ConfigDict:
+  """`base` set up for `spec` at `seed`."""
+  c = recipes.with_method(base, spec.method, spec.variant)
+  c.seed = seed
+  for term, weight in spec.weights:
+    c.objective.weights[term] = weight
+  return c
+
+
+def suite_runs(suite: Suite, *, ablations: bool = True) -> list[Run]:
+  """Every run of the suite: main table (method x seed), then the ablations. A main-table
+  run that an ablation would repeat (MixSKD full, same seed) is listed once."""
+  base = suite.base()
+  runs = [Run(spec, seed, False, make_config(base, spec, seed))
+          for spec in suite.methods for seed in suite.seeds]
+  if ablations:
+    runs += [Run(spec, seed, True, make_config(base, spec, seed))
+             for spec in suite.ablations for seed in suite.ablation_seeds]
+  return runs
+
+
+def get_suite(name: str) -> Suite:
+  if name not in SUITES:
+    raise ValueError(f"--suite={name!r} is unknown; use one of {sorted(SUITES)}.")
+  return SUITES[name]

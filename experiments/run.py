@@ -1,0 +1,152 @@
+r"""Trains every run of a suite (method x seed, then the ablations) and writes its report.
+
+  python -m experiments.run --suite=fashion_mnist
+
+Resumable: a finished run (its `results.json` says so) is not run again; an interrupted one
+continues from its latest checkpoint (same data order, same mixup draws). Re-running the
+command after everything finished only rewrites the report. Runs share one process and a
+persistent XLA compilation cache, so seeds 2 and 3 of a method do not compile again.
+
+Outputs: `--workdir` (default experiments/runs/<suite>) holds one trainer workdir per run,
+`<method>/seed<k>/`; `--results_dir` (default experiments/results/<suite>) receives the
+tables, plots and the record of the command, versions, machine and wall time
+(see experiments/report.py).
+
+Paper scale, for machines with accelerators (data from tfds; any config field with --set):
+
+  python -m experiments.run --suite=cifar100 --set=data.data_dir=/data/tfds
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+from absl import app, flags, logging
+
+from experiments import protocol, report
+
+FLAGS = flags.DEFINE_string("suite", "fashion_mnist", f"one of {sorted(protocol.SUITES)}")
+_WORKDIR = flags.DEFINE_string("workdir", None, "runs go here (default experiments/runs/<suite>)")
+_RESULTS = flags.DEFINE_string("results_dir", None,
+                               "report goes here (default experiments/results/<suite>)")
+_SEEDS = flags.DEFINE_list("seeds", None, "override the suite's seeds, e.g. 0,1,2")
+_METHODS = flags.DEFINE_list("methods", None, "only these rows (names from protocol.py)")
+_ABLATIONS = flags.DEFINE_bool("ablations", True, "also train the MixSKD ablations")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "train nothing; rewrite the report")
+_SET = flags.DEFINE_multi_string("set", [], "config override for every run: dotted.field=value")
+
+TIMING_FILE = "experiment_timing.json"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def apply_override(config, assignment: str) -> None:
+  """`a.b=value` -> config.a.b = value, parsed as the field's current type."""
+  if "=" not in assignment:
+    raise ValueError(f"--set={assignment!r} must look like dotted.field=value.")
+  dotted, text = assignment.split("=", 1)
+  *parents, leaf = dotted.split(".")
+  node = config
+  for name in parents:
+    node = node[name]
+  if leaf not in node:
+    raise ValueError(f"--set={assignment!r}: the config has no field {dotted!r}.")
+  current = node[leaf]
+  if isinstance(current, bool):
+    value = text.lower() in ("1", "true", "yes")
+  elif isinstance(current, (int, float)) and not isinstance(current, bool):
+    value = type(current)(text)
+  elif current is None or isinstance(current, str):
+    value = None if text.lower() == "none" else text
+  else:
+    value = json.loads(text)
+  node[leaf] = value
+
+
+def is_finished(run_dir: str) -> bool:
+  path = os.path.join(run_dir, "results.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return bool(json.load(f).get("finished"))
+
+
+def record_invocation(run_dir: str, wall_time_s: float, results: dict) -> None:
+  """Appends this invocation's wall time (compile, train, eval) to the run's timing record."""
+  path = os.path.join(run_dir, TIMING_FILE)
+  timing = {"invocations": []}
+  if os.path.exists(path):
+    with open(path) as f:
+      timing = json.load(f)
+  timing["invocations"].append({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                "wall_time_s": wall_time_s,
+                                "steps": results.get("steps_this_run")})
+  timing["wall_time_s"] = sum(i["wall_time_s"] for i in timing["invocations"])
+  with open(path + ".tmp", "w") as f:
+    json.dump(timing, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def enable_compilation_cache(directory: str) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def selected_runs(suite: protocol.Suite, seeds: Sequence[str] | None,
+                  methods: Sequence[str] | None, ablations: bool) -> list[protocol.Run]:
+  if seeds:
+    suite = protocol.dataclasses.replace(suite, seeds=tuple(int(s) for s in seeds))
+  runs = protocol.suite_runs(suite, ablations=ablations)
+  if methods:
+    known = {r.spec.name for r in runs}
+    unknown = set(methods) - known
+    if unknown:
+      raise ValueError(f"--methods names unknown rows {sorted(unknown)}; known: {sorted(known)}.")
+    runs = [r for r in runs if r.spec.name in methods]
+  return runs
+
+
+def train_all(runs: Sequence[protocol.Run], workdir: str, overrides: Sequence[str]) -> None:
+  from mixskd_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  for i, run in enumerate(runs):
+    run_dir = os.path.join(workdir, run.name)
+    if is_finished(run_dir):
+      logging.info("[%d/%d] %s: finished earlier, skipped.", i + 1, len(runs), run.name)
+      continue
+    config = run.config
+    for assignment in overrides:
+      apply_override(config, assignment)
+    logging.info("[%d/%d] %s: training.", i + 1, len(runs), run.name)
+    t0 = time.time()
+    results = train_and_evaluate(config, run_dir)
+    record_invocation(run_dir, time.time() - t0, results)
+    logging.info("[%d/%d] %s: top-1 %.2f%% in %.0f s.", i + 1, len(runs), run.name,
+                 results.get("final", {}).get("eval/top1/backbone", float("nan")),
+                 time.time() - t0)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  suite = protocol.get_suite(FLAGS.value)
+  workdir = _WORKDIR.value or os.path.join(REPO, "experiments", "runs", suite.name)
+  results_dir = _RESULTS.value or os.path.join(REPO, "experiments", "results", suite.name)
+  runs = selected_runs(suite, _SEEDS.value, _METHODS.value, _ABLATIONS.value)
+  t0 = time.time()
+  if not _REPORT_ONLY.value:
+    os.makedirs(workdir, exist_ok=True)
+    enable_compilation_cache(os.path.join(workdir, ".jax_cache"))
+    train_all(runs, workdir, _SET.value)
+  report.write_report(suite, runs, workdir, results_dir,
+                      command=" ".join(["python -m experiments.run"] + sys.argv[1:]),
+                      invocation_wall_time_s=time.time() - t0)
+  logging.info("Report written to %s", results_dir)
+
+
+if __name__ == "__main__":
+  app.run(main)
