@@ -1,0 +1,153 @@
+"""The notebooks in experiments/notebooks run top to bottom (at their smoke settings) and report
+what they claim: each ends with a `NOTEBOOK_RESULT {json}` line that is checked here.
+
+Each notebook runs in a fresh python3 kernel of this interpreter, started in the notebooks'
+folder as Jupyter would start it, with MIXSKD_NOTEBOOK_SMOKE=1 and the Agg matplotlib backend.
+"""
+
+import importlib.util
+import json
+import math
+import os
+
+import nbclient
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+NOTEBOOK_DIR = os.path.join(REPO, "experiments", "notebooks")
+NOTEBOOKS = ["quickstart.ipynb", "own_model_losses.ipynb", "load_checkpoint_predict.ipynb"]
+CELL_TIMEOUT_S = 300  # a hang guard: at smoke settings the slowest cell takes ~25 s on 2 cores
+RESULT_MARKER = "NOTEBOOK_RESULT "
+
+
+def _has_torch():
+  """What load_checkpoint_predict.ipynb decides its stand-in format by."""
+  return importlib.util.find_spec("torch") is not None
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory):
+  """A kernels/ folder holding a `python3` kernelspec that runs this very interpreter.
+
+  The kernelspec that `jupyter kernelspec list` finds first may belong to another Python
+  (another virtualenv, a system install); writing our own makes the notebooks import the
+  packages this test session has.
+  """
+  from ipykernel.kernelspec import write_kernel_spec  # pylint: disable=import-outside-toplevel
+  kernels = tmp_path_factory.mktemp("jupyter") / "kernels"
+  write_kernel_spec(path=str(kernels / "python3"))
+  return str(kernels)
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """A JAX compilation cache shared by the notebooks' kernels: quickstart and
+  load_checkpoint_predict train the same smoke config, so the second one skips recompiling
+  the model's init, train and eval steps (~14 s of its ~24 s training cell on 2 cores)."""
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def kernel_environment(output_dir, cache_dir):
+  """The kernel's environment: smoke settings, headless matplotlib, the repository importable."""
+  env = dict(os.environ)
+  # conftest.py fakes 8 CPU devices for the sharding tests; a notebook should see the machine
+  # as a user's kernel does (and 8 fake devices on 2 cores only slow it down).
+  env.pop("XLA_FLAGS", None)
+  # A real checkpoint or a forced stand-in format would change what the notebook checks.
+  env.pop("MIXSKD_OFFICIAL_CHECKPOINT", None)
+  env.pop("MIXSKD_NOTEBOOK_STAND_IN_FORMAT", None)
+  env.update(MIXSKD_NOTEBOOK_SMOKE="1", MIXSKD_NOTEBOOK_OUTPUT_DIR=str(output_dir),
+             MPLBACKEND="Agg", TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
+  return env
+
+
+def run_notebook(name, kernel_dir, cache_dir, output_dir):
+  """Executes a notebook and returns the JSON of its NOTEBOOK_RESULT line."""
+  with open(os.path.join(NOTEBOOK_DIR, name)) as f:
+    nb = nbformat.read(f, as_version=4)
+  km = AsyncKernelManager(kernel_name="python3",
+                          kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dir]))
+  client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                   resources={"metadata": {"path": NOTEBOOK_DIR}})
+  client.execute(env=kernel_environment(output_dir, cache_dir))  # raises on a cell's error
+  # A cell's printed text may arrive as several stream outputs: join them before splitting.
+  text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                 for out in cell.get("outputs", []) if out.get("output_type") == "stream")
+  lines = [line for line in text.splitlines() if line.startswith(RESULT_MARKER)]
+  assert len(lines) == 1, f"{name} printed {len(lines)} {RESULT_MARKER!r} lines"
+  return json.loads(lines[0][len(RESULT_MARKER):])
+
+
+def assert_accuracy(value):
+  assert 0.0 <= value <= 100.0, value
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_clean_valid_v4_with_a_smoke_parameter_cell(name):
+  """Committed without outputs, valid nbformat v4, and the first code cell is the parameters
+  cell that reads MIXSKD_NOTEBOOK_SMOKE (what makes this test fast)."""
+  with open(os.path.join(NOTEBOOK_DIR, name)) as f:
+    nb = nbformat.read(f, as_version=4)
+  nbformat.validate(nb)
+  assert nb.nbformat == 4
+  code_cells = [c for c in nb.cells if c.cell_type == "code"]
+  assert all(not c.outputs and c.execution_count is None for c in code_cells)
+  assert "MIXSKD_NOTEBOOK_SMOKE" in code_cells[0].source
+  assert "parameters" in code_cells[0].metadata.get("tags", [])
+
+
+def test_quickstart(kernel_dir, compilation_cache, tmp_path):
+  """Trains the default config (12 smoke steps) to the end, reads its TensorBoard scalars and
+  eval history, and reports every head's test top-1."""
+  result = run_notebook("quickstart.ipynb", kernel_dir, compilation_cache, tmp_path)
+  assert result["finished"] and result["steps"] == 12
+  assert result["eval_points"] == 3  # 4 steps per epoch at smoke settings
+  assert set(result["top1"]) == {"backbone", "branch1", "branch2", "self_teacher"}
+  for value in result["top1"].values():
+    assert_accuracy(value)
+  assert math.isfinite(result["train_loss_first"]) and math.isfinite(result["train_loss_last"])
+
+
+def test_own_model_losses(kernel_dir, compilation_cache, tmp_path):
+  """A model the library never saw trains with the MixSKD objective: every term is finite, the
+  supervised terms go down, the heads beat chance, and the `full` variant's frozen
+  discriminators do not move."""
+  result = run_notebook("own_model_losses.ipynb", kernel_dir, compilation_cache, tmp_path)
+  assert result["variant"] == "full"
+  for window in ("first", "last"):
+    assert all(math.isfinite(v) for v in result[window].values()), result[window]
+  for term in ("loss", "clean_ce", "mixup_ce", "self_teacher_ce"):
+    assert result["last"][term] < result["first"][term], term
+  for value in result["accuracy"].values():
+    assert_accuracy(value)
+  assert result["accuracy"]["main"] > 30.0  # chance is 10%
+  assert result["discriminators_unchanged"] and not result["network_unchanged"]
+
+
+def test_load_checkpoint_predict(kernel_dir, compilation_cache, tmp_path):
+  """(a) The restored Orbax checkpoint is the trained state: same step, same test accuracy,
+  and its exported backbone predicts what the MixSKD backbone head predicts. (b) The official
+  layout file converts, and our converted model's logits (every head and the self-teacher, in
+  eval mode) equal an independent PyTorch model's, or, without PyTorch, the weights the .npz
+  stand-in was made from."""
+  result = run_notebook("load_checkpoint_predict.ipynb", kernel_dir, compilation_cache, tmp_path)
+  assert result["restored_step"] == result["trained_step"] == 8
+  assert result["restored_top1"] == pytest.approx(result["results_top1"], abs=1e-6)
+  assert_accuracy(result["restored_top1"])
+  assert_accuracy(result["batch_top1"])
+  assert result["backbone_export_max_abs_diff"] <= 1e-5
+  assert result["stand_in"] and result["num_heads_compared"] == 5
+  if _has_torch():
+    assert (result["stand_in_format"], result["reference"]) == ("pth", "pytorch")
+    assert result["max_rel_diff"] <= 1e-4
+  else:
+    assert (result["stand_in_format"], result["reference"]) == ("npz", "flax_roundtrip")
+    assert result["max_rel_diff"] == 0.0
+  assert len(result["predicted_classes"]) == 8
+  assert all(0 <= c < 100 for c in result["predicted_classes"])  # CIFAR-100 classes
