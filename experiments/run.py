@@ -7,6 +7,9 @@ continues from its latest checkpoint (same data order, same mixup draws). Re-run
 command after everything finished only rewrites the report. Runs share one process and a
 persistent XLA compilation cache, so seeds 2 and 3 of a method do not compile again.
 
+Then every main-table method's train step is timed back to back (`--time_steps`; kept in
+`<workdir>/step_timing.json`): the cost column compares methods measured in one window.
+
 Outputs: `--workdir` (default experiments/runs/<suite>) holds one trainer workdir per run,
 `<method>/seed<k>/`; `--results_dir` (default experiments/results/<suite>) receives the
 tables, plots and the record of the command, versions, machine and wall time
@@ -27,9 +30,9 @@ from typing import Sequence
 
 from absl import app, flags, logging
 
-from experiments import protocol, report
+from experiments import protocol, report, timing
 
-FLAGS = flags.DEFINE_string("suite", "fashion_mnist", f"one of {sorted(protocol.SUITES)}")
+_SUITE = flags.DEFINE_string("suite", "fashion_mnist", f"one of {sorted(protocol.SUITES)}")
 _WORKDIR = flags.DEFINE_string("workdir", None, "runs go here (default experiments/runs/<suite>)")
 _RESULTS = flags.DEFINE_string("results_dir", None,
                                "report goes here (default experiments/results/<suite>)")
@@ -38,6 +41,11 @@ _METHODS = flags.DEFINE_list("methods", None, "only these rows (names from proto
 _ABLATIONS = flags.DEFINE_bool("ablations", True, "also train the MixSKD ablations")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "train nothing; rewrite the report")
 _SET = flags.DEFINE_multi_string("set", [], "config override for every run: dotted.field=value")
+_TIME_STEPS = flags.DEFINE_integer(
+    "time_steps", 30, "after training, time this many steps of every method back to back "
+    "(the table's cost column); 0 skips it")
+_TIME_WARMUP = flags.DEFINE_integer("time_warmup", 3, "untimed steps before those")
+_RETIME = flags.DEFINE_bool("retime", False, "measure the step times again")
 
 TIMING_FILE = "experiment_timing.json"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,19 +119,16 @@ def selected_runs(suite: protocol.Suite, seeds: Sequence[str] | None,
   return runs
 
 
-def train_all(runs: Sequence[protocol.Run], workdir: str, overrides: Sequence[str]) -> None:
+def train_all(runs: Sequence[protocol.Run], workdir: str) -> None:
   from mixskd_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   for i, run in enumerate(runs):
     run_dir = os.path.join(workdir, run.name)
     if is_finished(run_dir):
       logging.info("[%d/%d] %s: finished earlier, skipped.", i + 1, len(runs), run.name)
       continue
-    config = run.config
-    for assignment in overrides:
-      apply_override(config, assignment)
     logging.info("[%d/%d] %s: training.", i + 1, len(runs), run.name)
     t0 = time.time()
-    results = train_and_evaluate(config, run_dir)
+    results = train_and_evaluate(run.config, run_dir)
     record_invocation(run_dir, time.time() - t0, results)
     logging.info("[%d/%d] %s: top-1 %.2f%% in %.0f s.", i + 1, len(runs), run.name,
                  results.get("final", {}).get("eval/top1/backbone", float("nan")),
@@ -133,15 +138,21 @@ def train_all(runs: Sequence[protocol.Run], workdir: str, overrides: Sequence[st
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  suite = protocol.get_suite(FLAGS.value)
+  suite = protocol.get_suite(_SUITE.value)
   workdir = _WORKDIR.value or os.path.join(REPO, "experiments", "runs", suite.name)
   results_dir = _RESULTS.value or os.path.join(REPO, "experiments", "results", suite.name)
   runs = selected_runs(suite, _SEEDS.value, _METHODS.value, _ABLATIONS.value)
+  for run in runs:
+    for assignment in _SET.value:
+      apply_override(run.config, assignment)
   t0 = time.time()
   if not _REPORT_ONLY.value:
     os.makedirs(workdir, exist_ok=True)
     enable_compilation_cache(os.path.join(workdir, ".jax_cache"))
-    train_all(runs, workdir, _SET.value)
+    train_all(runs, workdir)
+    if _TIME_STEPS.value > 0:
+      timing.time_methods(runs, workdir, steps=_TIME_STEPS.value, warmup=_TIME_WARMUP.value,
+                          retime=_RETIME.value)
   report.write_report(suite, runs, workdir, results_dir,
                       command=" ".join(["python -m experiments.run"] + sys.argv[1:]),
                       invocation_wall_time_s=time.time() - t0)

@@ -18,6 +18,7 @@ from mixskd_jax.config_schema import base_config
 from mixskd_jax.data import augment
 from mixskd_jax.data import datasets
 from mixskd_jax.data import fashion_mnist_local
+from mixskd_jax.data import in_memory
 from mixskd_jax.data import sources
 from mixskd_jax.data.tf_setup import hide_accelerators_from_tf
 
@@ -433,3 +434,53 @@ def test_imagenet_on_mock_data():
   assert sum(int(b["mask"].sum()) for b in evals) == 10
   assert evals[-1]["mask"].tolist() == [True, True, False, False]
   assert evals[0]["image"].shape == (4, 224, 224, 3)
+
+
+# ---------------------------------------------------------------------------
+# Extra batch fields for the baselines (CS-KD pairs, PS-KD example ids)
+# ---------------------------------------------------------------------------
+
+def test_class_partners_are_other_examples_of_the_same_class():
+  labels = np.array([0, 1, 0, 2, 1, 0, 2, 1, 3])  # class 3 has a single example
+  order = np.array([4, 0, 8, 2, 6, 1, 5, 3, 7])
+  for seed in range(5):
+    partners = in_memory.class_partners(order, labels, np.random.default_rng(seed))
+    np.testing.assert_array_equal(labels[partners], labels[order])
+    alone = order == 8
+    assert np.all(partners[~alone] != order[~alone]) and partners[alone] == 8
+
+
+def test_pairs_and_example_ids_leave_the_batches_unchanged():
+  """Turning the extra fields on adds keys only: same images, labels and order."""
+  with tfds.testing.mock_data(num_examples=40):
+    plain = take(data.train_iterator(make_config(batch_size=8)), 6)
+    extra = take(data.train_iterator(make_config(batch_size=8, class_pairs=True,
+                                                 example_ids=True)), 6)
+    images, labels = sources.load_split(make_config().data, "train")
+  for p, e in zip(plain, extra):
+    assert set(e) == {"image", "label", "example_id", "pair_image", "pair_label"}
+    np.testing.assert_array_equal(p["image"], e["image"])
+    np.testing.assert_array_equal(p["label"], e["label"])
+    np.testing.assert_array_equal(e["pair_label"], e["label"])
+    np.testing.assert_array_equal(labels[e["example_id"]], e["label"])
+  # Example ids index the kept examples: each appears once per epoch (5 steps of 8 = 40).
+  ids = np.concatenate([e["example_id"] for e in extra[:5]])
+  np.testing.assert_array_equal(np.sort(ids), np.arange(40))
+
+
+def test_example_ids_are_dense_over_a_subset():
+  with tfds.testing.mock_data(num_examples=60):
+    c = make_config(name="fashion_mnist", batch_size=10, example_ids=True,
+                    train_examples_per_class=2)
+    batch = next(data.train_iterator(c))
+    _, labels = sources.load_split(c.data, "train")
+  keep = sources.train_subset(labels, 10, 2, None)
+  assert batch["example_id"].max() < len(keep) == 20
+  np.testing.assert_array_equal(labels[keep[batch["example_id"]]], batch["label"])
+
+
+def test_streamed_dataset_refuses_pairs_and_ids():
+  for field in ("class_pairs", "example_ids"):
+    c = make_config(name="imagenet2012", **{field: True})
+    with pytest.raises(ValueError, match=f"config.data.{field}=True needs an in-memory dataset"):
+      data.train_iterator(c)

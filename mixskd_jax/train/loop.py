@@ -200,6 +200,7 @@ class Trainer:
                                                every_steps=cfg.log_every_steps)
     buffer, buffer_start = [], start
     timer = _StepTimer()
+    done = start  # stays so when the checkpoint is already at num_steps
     with _Preemption() as preemption:
       for step in range(start, self.num_steps):
         state, metrics = self.train_step(state, sharding.to_global(next(batches), batch_sharding),

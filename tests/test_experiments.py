@@ -1,0 +1,158 @@
+"""The comparison command: every suite's runs are valid configs, the runner trains what is not
+finished and nothing else, and the report's numbers are the runs' numbers."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from absl import flags
+from absl.testing import flagsaver
+
+from experiments import protocol, report, run as runner
+from mixskd_jax import config_schema
+from mixskd_jax.train import methods
+from mixskd_jax.train.loop import train_and_evaluate
+
+
+@pytest.mark.parametrize("suite", sorted(protocol.SUITES))
+def test_every_run_of_every_suite_is_a_valid_config(suite):
+  runs = protocol.suite_runs(protocol.get_suite(suite))
+  names = [r.name for r in runs]
+  assert len(names) == len(set(names))
+  main_methods = {r.spec.method for r in runs if not r.ablation}
+  assert main_methods == set(methods.METHODS)
+  for r in runs:
+    assert methods.check_config(r.config) == r.spec.method
+    assert r.config.seed == r.seed
+  variants = {r.spec.variant for r in runs if r.spec.method == "mixskd" and not r.ablation}
+  assert variants == {"reference_cifar", "full", "adversarial"}
+
+
+def test_ablations_remove_exactly_their_terms():
+  suite = protocol.get_suite("fashion_mnist")
+  runs = {r.spec.name: r.config for r in protocol.suite_runs(suite) if r.seed == 0}
+  full = methods.objective_config(runs["mixskd_full"])
+  for spec in suite.ablations:
+    ablated = methods.objective_config(runs[spec.name])
+    removed = {t for t, w in spec.weights}
+    for term, weight in full.weights:
+      assert ablated.weight(term) == (0.0 if term in removed else weight), (spec.name, term)
+
+
+def test_fashion_mnist_protocol_is_shared_by_every_method():
+  """Same data, model, epochs, schedule and batch for every row; only the method differs."""
+  runs = protocol.suite_runs(protocol.get_suite("fashion_mnist"))
+  shared = {(r.config.data.name, r.config.data.train_examples_per_class, r.config.data.test_examples,
+             r.config.model.name, r.config.num_epochs, r.config.batch_size,
+             r.config.optimizer.schedule, r.config.optimizer.learning_rate) for r in runs}
+  assert shared == {("fashion_mnist", 500, None, "small_resnet", 8, 128, "cosine", 0.1)}
+  assert protocol.get_suite("fashion_mnist").seeds == (0, 1, 2)
+
+
+def test_cifar100_suite_is_the_papers_recipe():
+  for r in protocol.suite_runs(protocol.get_suite("cifar100")):
+    c = r.config
+    assert (c.data.name, c.model.name, c.num_epochs, c.batch_size) == (
+        "cifar100", "cifar_resnet18", 205, 64)
+    assert c.optimizer.milestones == (100, 150) and c.optimizer.warmup_epochs == 5
+
+
+@pytest.mark.parametrize("name", ["cs_kd", "ps_kd"])
+def test_cifar100_suite_methods_needing_the_pipeline_train_on_mock_data(name, tmp_path):
+  """The CIFAR-100 rows that need same-class pairs or example ids, with the real ResNet-18."""
+  run = next(r for r in protocol.suite_runs(protocol.get_suite("cifar100"))
+             if r.spec.name == name)
+  config = config_schema.finalize(run.config, "smoke")
+  with tfds.testing.mock_data(num_examples=64):
+    results = train_and_evaluate(config, str(tmp_path))
+  assert results["finished"] and results["method"] == name
+
+
+def test_apply_override_parses_by_field_type():
+  config = config_schema.base_config()
+  runner.apply_override(config, "batch_size=32")
+  runner.apply_override(config, "optimizer.learning_rate=0.05")
+  runner.apply_override(config, "data.augment=false")
+  runner.apply_override(config, "data.data_dir=/data/tfds")
+  assert (config.batch_size, config.optimizer.learning_rate, config.data.augment,
+          config.data.data_dir) == (32, 0.05, False, "/data/tfds")
+  with pytest.raises(ValueError, match="no field 'optimizer.lr'"):
+    runner.apply_override(config, "optimizer.lr=1")
+  with pytest.raises(ValueError, match="dotted.field=value"):
+    runner.apply_override(config, "batch_size")
+
+
+def test_unknown_rows_and_suites_are_refused():
+  with pytest.raises(ValueError, match="unknown rows"):
+    runner.selected_runs(protocol.get_suite("smoke"), None, ["mixskd_fll"], True)
+  with pytest.raises(ValueError, match="--suite='cifar10' is unknown"):
+    protocol.get_suite("cifar10")
+
+
+def _timing(workdir, name):
+  with open(os.path.join(workdir, name, runner.TIMING_FILE)) as f:
+    return json.load(f)
+
+
+@pytest.mark.usefixtures("fashion_mnist_offline")
+def test_command_trains_reports_and_skips_finished_runs(tmp_path):
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  workdir, results = str(tmp_path / "runs"), str(tmp_path / "results")
+  args = dict(suite="smoke", workdir=workdir, results_dir=results, seeds=["0", "1"],
+              methods=["cross_entropy", "mixskd_full", "full_without_kl"], time_steps=2,
+              time_warmup=1)
+  with flagsaver.flagsaver(**args):
+    runner.main(["run"])
+  suite = protocol.get_suite("smoke")
+  runs = runner.selected_runs(protocol.dataclasses.replace(suite, seeds=(0, 1)), None,
+                              args["methods"], True)
+  assert [r.name for r in runs] == ["cross_entropy/seed0", "cross_entropy/seed1",
+                                    "mixskd_full/seed0", "mixskd_full/seed1",
+                                    "full_without_kl/seed0"]
+  finals = {}
+  for r in runs:
+    with open(os.path.join(workdir, r.name, "results.json")) as f:
+      res = json.load(f)
+    assert res["finished"] and res["train_step_time_s"] > 0
+    assert len(res["calibration"]["count"]) == 15 and sum(res["calibration"]["count"]) == 60
+    finals[r.name] = res["final"]["eval/top1/backbone"]
+    assert len(_timing(workdir, r.name)["invocations"]) == 1
+
+  with open(os.path.join(results, "summary.json")) as f:
+    summary = json.load(f)
+  row = summary["rows"]["cross_entropy"]
+  ce = [finals["cross_entropy/seed0"], finals["cross_entropy/seed1"]]
+  np.testing.assert_allclose(row["final_top1_mean"], np.mean(ce))
+  np.testing.assert_allclose(row["final_top1_std"], np.std(ce, ddof=1))
+  assert row["cost_vs_cross_entropy"] == 1.0 and row["step_time_source"] == "timing phase"
+  timings = summary["step_timing"]
+  assert set(timings) == {"cross_entropy", "mixskd_full"}  # main-table rows only
+  assert timings["mixskd_full"]["steps"] == 2
+  np.testing.assert_allclose(summary["rows"]["mixskd_full"]["cost_vs_cross_entropy"],
+                             timings["mixskd_full"]["median_s"] / timings["cross_entropy"]["median_s"])
+  with open(os.path.join(results, "table.md")) as f:
+    table = f.read()
+  assert f"| cross_entropy | {np.mean(ce):.2f} ± {np.std(ce, ddof=1):.2f} | 2 |" in table
+  assert "| label_smoothing | not run |" in table
+  with open(os.path.join(results, "ablation.md")) as f:
+    ablation = f.read()
+  delta = finals["full_without_kl/seed0"] - finals["mixskd_full/seed0"]
+  assert f"| full_without_kl | {finals['full_without_kl/seed0']:.2f} | {delta:+.2f} |" in ablation
+  for png in ("accuracy_vs_epoch.png", "mixskd_heads.png", "mixskd_loss_terms.png",
+              "reliability.png"):
+    with open(os.path.join(results, png), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(os.path.join(results, "RUN.md")) as f:
+    record = f.read()
+  assert "python -m experiments.run" in record and "- jax " in record
+  assert "Runs finished: 5 of 5" in record
+
+  # Again: everything finished, so nothing trains; an unfinished run is trained (resumed).
+  os.remove(os.path.join(workdir, "cross_entropy/seed1", "results.json"))
+  with flagsaver.flagsaver(**args):
+    runner.main(["run"])
+  assert len(_timing(workdir, "cross_entropy/seed0")["invocations"]) == 1
+  assert len(_timing(workdir, "cross_entropy/seed1")["invocations"]) == 2
