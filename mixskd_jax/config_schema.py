@@ -19,6 +19,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mixskd = True                  # False: plain backbone with cross-entropy (baselines)
   c.model.dtype = "float32"              # compute dtype; parameters stay float32
   c.model.discriminator_hidden = 128
+  # Speed options; the values computed are the same either way (mixskd_jax/models/xla_options.py
+  # has the measurements). An optimization barrier on every conv input stops XLA recomputing
+  # BatchNorm + ReLU inside the weight gradients' transposes.
+  c.model.conv_input_barrier = True       # CPU only (measured there); off on GPU/TPU
+  c.model.cpu_convolutions = "auto"      # auto | eigen | xla_default: XLA:CPU's conv library
+  c.model.remat_branches = False         # recompute the auxiliary branches in the backward pass
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "cifar100"               # fashion_mnist, cifar10, cifar100, imagenet2012

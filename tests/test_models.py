@@ -621,3 +621,38 @@ def test_bfloat16_compute_keeps_float32_params(small):
     assert leaf.dtype == jnp.float32
   t = model.apply(variables, out.features, method="teach")
   assert t.shape == (2, 10) and t.dtype == jnp.bfloat16
+
+
+def test_bfloat16_mixskd_loss_stays_close_to_float32():
+  """Guards model.dtype=bfloat16 for training: with the same float32 parameters, batch, lam
+  and permutation, the MixSKD loss computed in bfloat16 is within 0.2% of float32's, every term
+  within 1% (+1e-3 absolute), and the gradient points the same way (cosine > 0.99).
+
+  Measured on this model: loss 1e-4 relative at most, feature_mse the loosest term (0.35%),
+  over three seeds; the tolerances leave about 3-10x margin.
+  """
+  from mixskd_jax import mixing, objective  # pylint: disable=import-outside-toplevel
+  images = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
+  labels = jnp.arange(8) % 10
+  mix = mixing.sample_mix(jax.random.key(2), 8, alpha=0.4)
+  config = objective.ObjectiveConfig.for_variant("full")
+  variables = build_model("small_resnet", 10).init(jax.random.key(1), images)
+
+  def loss_and_grads(dtype):
+    model = build_model("small_resnet", 10, dtype=dtype)
+    fn = lambda p: objective.apply_mixskd(model, {**variables, "params": p}, images, labels,
+                                          mix, config)
+    (loss, (terms, _, _)), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(
+        variables["params"])
+    return loss, terms, grads
+
+  loss32, terms32, grads32 = loss_and_grads(jnp.float32)
+  loss16, terms16, grads16 = loss_and_grads(jnp.bfloat16)
+  assert loss16.dtype == jnp.float32  # the losses are computed in float32 whatever the model's
+  np.testing.assert_allclose(loss16, loss32, rtol=2e-3)
+  for name in terms32:
+    np.testing.assert_allclose(terms16[name], terms32[name], rtol=1e-2, atol=1e-3, err_msg=name)
+  g32 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads32)])
+  g16 = jnp.concatenate([g.ravel().astype(jnp.float32) for g in jax.tree.leaves(grads16)])
+  cosine = jnp.dot(g32, g16) / (jnp.linalg.norm(g32) * jnp.linalg.norm(g16))
+  assert cosine > 0.99, float(cosine)

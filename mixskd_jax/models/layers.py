@@ -45,12 +45,29 @@ def conv_kernel_init(scheme: str) -> Callable:
 
 
 def conv(features: int, kernel: int, strides: int = 1, *, init_scheme: str, dtype: Dtype,
-         name: str) -> nn.Conv:
-  """A bias-free convolution with PyTorch's symmetric padding of (kernel - 1) // 2."""
+         name: str, input_barrier: bool = False) -> Callable[[jax.Array], jax.Array]:
+  """A bias-free convolution with PyTorch's symmetric padding of (kernel - 1) // 2.
+
+  Args:
+    input_barrier: put `jax.lax.optimization_barrier` on the input, (N, H, W, C) -> the same
+      values. The weight gradient of a convolution reads its input; without the barrier XLA
+      may fuse the producer (BatchNorm + ReLU + residual add) into the layout transpose of
+      that gradient and recompute it there, which on CPU costs more than storing the input
+      once. The barrier makes the input a materialized value. Numerics are unchanged. XLA:CPU
+      in jax 0.10 drops barriers before fusion unless the step is compiled with
+      `xla_options.compiler_options(config.model)`.
+
+  Returns:
+    The `nn.Conv` (named `name`, so parameter paths do not depend on the barrier), or a
+    function applying it after the barrier.
+  """
   pad = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=conv_kernel_init(init_scheme), dtype=dtype, name=name)
+  module = nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                   padding=((pad, pad), (pad, pad)), use_bias=False,
+                   kernel_init=conv_kernel_init(init_scheme), dtype=dtype, name=name)
+  if not input_barrier:
+    return module
+  return lambda x: module(jax.lax.optimization_barrier(x))
 
 
 def linear(features: int, fan_in: int, *, dtype: Dtype, name: str) -> nn.Dense:

@@ -52,15 +52,22 @@ class MixSKDResNet(nn.Module):
     num_classes: classes of every head.
     discriminator_hidden: hidden units of each discriminator MLP (128 in the reference).
     dtype: compute dtype.
+    remat_branches: rematerialize the auxiliary branches (`nn.remat`): their activations are
+      recomputed in the backward pass instead of stored, which lowers peak memory for about
+      one more forward pass of the branches. Parameters and values are the same either way.
   """
   spec: ResNetSpec
   num_classes: int
   discriminator_hidden: int = 128
   dtype: Dtype = jnp.float32
+  remat_branches: bool = False
 
   def setup(self):
     self.backbone = ResNet(self.spec, self.num_classes, self.dtype)
-    self.branches = [AuxiliaryBranch(self.spec, k + 1, self.num_classes, self.dtype)
+    # `train` (argument 2, counting self) is a Python bool that selects code paths.
+    branch = (nn.remat(AuxiliaryBranch, static_argnums=(2,)) if self.remat_branches
+              else AuxiliaryBranch)
+    self.branches = [branch(self.spec, k + 1, self.num_classes, self.dtype)
                      for k in range(self.spec.num_stages - 1)]
     self.self_teacher = SelfTeacher(self.num_classes, dtype=self.dtype)
     self.discriminators = FeatureDiscriminators(self.discriminator_hidden, self.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -32,7 +33,8 @@ SPECS: dict[str, ResNetSpec] = {
 
 
 def build_model(name: str, num_classes: int, *, mixskd: bool = True, dtype: Any = jnp.float32,
-                discriminator_hidden: int = 128, **spec_overrides: Any) -> nn.Module:
+                discriminator_hidden: int = 128, conv_input_barrier: bool = False,
+                remat_branches: bool = False, **spec_overrides: Any) -> nn.Module:
   """Builds a registered model.
 
   Args:
@@ -42,6 +44,10 @@ def build_model(name: str, num_classes: int, *, mixskd: bool = True, dtype: Any 
       False for the plain backbone (baselines, inference).
     dtype: compute dtype; parameters stay float32.
     discriminator_hidden: hidden units of each discriminator (MixSKD only).
+    conv_input_barrier: an optimization barrier on every convolution's input (faster
+      training steps on CPU; same values, same parameters; `layers.conv`).
+    remat_branches: recompute the auxiliary branches' activations in the backward pass
+      (less memory, same values; MixSKD only).
     **spec_overrides: fields of `ResNetSpec` to change, e.g. `stage_sizes=(2, 2, 2)`.
 
   Returns:
@@ -52,10 +58,35 @@ def build_model(name: str, num_classes: int, *, mixskd: bool = True, dtype: Any 
   unknown = set(spec_overrides) - {f.name for f in dataclasses.fields(ResNetSpec)}
   if unknown:
     raise ValueError(f"Unknown ResNetSpec fields {sorted(unknown)} for model {name!r}.")
-  spec = dataclasses.replace(SPECS[name], **spec_overrides)
+  spec = dataclasses.replace(SPECS[name], **{"conv_input_barrier": conv_input_barrier,
+                                             **spec_overrides})
   if mixskd:
     if spec.num_stages < 2:
       raise ValueError(f"MixSKD needs a backbone with at least 2 stages; {name!r} has "
                        f"{spec.num_stages}.")
-    return MixSKDResNet(spec, num_classes, discriminator_hidden, dtype)
+    return MixSKDResNet(spec, num_classes, discriminator_hidden, dtype, remat_branches)
   return ResNet(spec, num_classes, dtype)
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model_from_config(model_config: Any, num_classes: int) -> nn.Module:
+  """The model `config.model` describes (the trainer and the benchmark build it here).
+
+  Args:
+    model_config: `config.model`: name, mixskd, dtype ("float32" | "bfloat16"),
+      discriminator_hidden, conv_input_barrier, remat_branches.
+    num_classes: classes of every head (the dataset's).
+  """
+  if model_config.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype={model_config.dtype!r} must be one of "
+                     f"{list(DTYPES)}.")
+  return build_model(model_config.name, num_classes, mixskd=model_config.mixskd,
+                     dtype=DTYPES[model_config.dtype],
+                     discriminator_hidden=model_config.discriminator_hidden,
+                     # Measured on CPU only (xla_options.py); GPU and TPU compilers keep
+                     # their own fusion choices.
+                     conv_input_barrier=(bool(model_config.conv_input_barrier)
+                                         and jax.default_backend() == "cpu"),
+                     remat_branches=bool(model_config.remat_branches))

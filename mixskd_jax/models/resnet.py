@@ -36,6 +36,9 @@ class ResNetSpec:
     init_scheme: "torch_default" (CIFAR models) or "kaiming_fan_out" (torchvision ImageNet).
     bn_momentum: weight of the old running statistics (0.9 == PyTorch's 0.1).
     bn_epsilon: BatchNorm epsilon (PyTorch default 1e-5).
+    conv_input_barrier: an optimization barrier on every convolution's input (see
+      `layers.conv`): a compilation choice, not part of the architecture; the values
+      computed are the same either way.
   """
   block: str
   stage_sizes: tuple[int, ...]
@@ -47,6 +50,7 @@ class ResNetSpec:
   init_scheme: str = "torch_default"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  conv_input_barrier: bool = False
 
   def __post_init__(self):
     if self.block not in BLOCKS:
@@ -84,7 +88,8 @@ class ResidualBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     spec = self.spec
     conv = lambda f, k, s, name: layers.conv(f, k, s, init_scheme=spec.init_scheme,
-                                             dtype=self.dtype, name=name)
+                                             dtype=self.dtype, name=name,
+                                             input_barrier=spec.conv_input_barrier)
     norm = layers.batch_norm(momentum=spec.bn_momentum, epsilon=spec.bn_epsilon,
                              dtype=self.dtype)
     out_channels = self.width * spec.expansion
@@ -126,7 +131,7 @@ class Stem(nn.Module):
     spec = self.spec
     kernel, strides = (3, 1) if spec.stem == "cifar" else (7, 2)
     x = layers.conv(spec.stem_width, kernel, strides, init_scheme=spec.init_scheme,
-                    dtype=self.dtype, name="conv1")(x)
+                    dtype=self.dtype, name="conv1", input_barrier=spec.conv_input_barrier)(x)
     x = layers.batch_norm(momentum=spec.bn_momentum, epsilon=spec.bn_epsilon,
                           dtype=self.dtype)(name="bn1")(x, train)
     if spec.stem_relu:

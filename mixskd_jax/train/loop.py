@@ -19,14 +19,14 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from mixskd_jax import data
-from mixskd_jax.models.registry import build_model
+from mixskd_jax.models import compiler_options
+from mixskd_jax.models.registry import build_model_from_config
 from mixskd_jax.train import distributed, sharding, steps
 from mixskd_jax.train.checkpoint import Checkpoints
 from mixskd_jax.train.methods import build_method, check_config as check_method_config
 from mixskd_jax.train.optimizer import build_optimizer
 from mixskd_jax.train.state import TrainState
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 HISTORY_FILE = "eval_history.jsonl"
 TRAIN_HISTORY_FILE = "train_history.jsonl"  # the logged means of the train metrics
 RESULTS_FILE = "results.json"
@@ -119,11 +119,7 @@ class Trainer:
     self.steps_per_epoch = data.steps_per_epoch(config)
     self.num_steps = (config.num_train_steps if config.num_train_steps > 0
                       else config.num_epochs * self.steps_per_epoch)
-    if config.model.dtype not in DTYPES:
-      raise ValueError(f"config.model.dtype={config.model.dtype!r} must be one of {list(DTYPES)}.")
-    self.model = build_model(config.model.name, self.info.num_classes, mixskd=config.model.mixskd,
-                             dtype=DTYPES[config.model.dtype],
-                             discriminator_hidden=config.model.discriminator_hidden)
+    self.model = build_model_from_config(config.model, self.info.num_classes)
     shards = config.objective.mix_shards if config.objective.mix_shards > 0 else self.mesh.size
     # The schedule spans whole epochs even when num_train_steps ends mid-epoch.
     self.num_epochs = max(config.num_epochs, math.ceil(self.num_steps / self.steps_per_epoch))
@@ -152,7 +148,8 @@ class Trainer:
     self.train_step = jax.jit(
         functools.partial(steps.train_step, method=self.method, tx=self.tx,
                           schedule=self.schedule, **common),
-        in_shardings=(repl, batch, repl), out_shardings=(repl, repl), donate_argnums=(0,))
+        in_shardings=(repl, batch, repl), out_shardings=(repl, repl), donate_argnums=(0,),
+        compiler_options=compiler_options(self.config.model) or None)
     self.eval_step = jax.jit(functools.partial(
         steps.eval_step, calibration_bins=self.config.eval_calibration_bins, **common),
                              in_shardings=(repl, batch), out_shardings=repl)
