@@ -60,6 +60,13 @@ def load_run(workdir: str, run: protocol.Run) -> dict[str, Any] | None:
           "timing": timing}
 
 
+def _mean_confidence(calibration: dict | None) -> float | None:
+  """The backbone's mean max-softmax probability on the test set, in %, from its bins."""
+  if not calibration or not sum(calibration["count"]):
+    return None
+  return 100.0 * sum(calibration["confidence"]) / sum(calibration["count"])
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
   values = np.asarray(values, np.float64)
   std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
@@ -91,6 +98,10 @@ def summarize(suite: protocol.Suite, runs: Sequence[protocol.Run], loaded: dict[
         "best_top1": r["best_backbone_top1"],
         "max_over_heads_best": r["best_max_over_heads_reference_protocol"],
         "ece": r["final"].get("eval/ece/backbone"),
+        "mean_confidence": _mean_confidence(r.get("calibration")),
+        # Every head's (and a MixSKD self-teacher's) last-epoch top-1, for the discussion.
+        "final_top1_by_head": {k.split("/")[-1]: v for k, v in r["final"].items()
+                               if k.startswith("eval/top1/")},
         "step_time_s": r.get("train_step_time_s"),
         "wall_time_s": data["timing"].get("wall_time_s"),
     }
@@ -334,6 +345,7 @@ def write_report(suite: protocol.Suite, runs: Sequence[protocol.Run], workdir: s
         f"{invocation_wall_time_s / 60:.1f} min.\n"
         f"- Machine: {env['cpu']}, {env['cpu_count']} CPUs, {env['memory']} memory, "
         f"{env['platform']}; JAX devices: {', '.join(env['jax_devices'])}.\n"
-        f"- Python {env['python']}; git commit {env['git_commit']}.\n\n"
+        f"- Python {env['python']}; git commit when this report was written: "
+        f"{env['git_commit']}.\n\n"
         f"Packages:\n\n{packages}\n")
   return summary

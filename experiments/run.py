@@ -153,9 +153,16 @@ def main(argv: Sequence[str]) -> None:
     if _TIME_STEPS.value > 0:
       timing.time_methods(runs, workdir, steps=_TIME_STEPS.value, warmup=_TIME_WARMUP.value,
                           retime=_RETIME.value)
-  report.write_report(suite, runs, workdir, results_dir,
-                      command=" ".join(["python -m experiments.run"] + sys.argv[1:]),
-                      invocation_wall_time_s=time.time() - t0)
+  command = " ".join(["python -m experiments.run"] + sys.argv[1:])
+  wall_time = time.time() - t0
+  previous = os.path.join(results_dir, "summary.json")
+  if _REPORT_ONLY.value and os.path.exists(previous):
+    # Re-rendering keeps the record of the invocation that produced the numbers.
+    with open(previous) as f:
+      summary = json.load(f)
+    command, wall_time = summary["command"], summary["this_invocation_wall_time_s"]
+  report.write_report(suite, runs, workdir, results_dir, command=command,
+                      invocation_wall_time_s=wall_time)
   logging.info("Report written to %s", results_dir)
 
 

@@ -273,15 +273,32 @@ def _dataset_unavailable(config: ml_collections.ConfigDict) -> str | None:
           "datasets (train once, or set config.data.data_dir)")
 
 
-def measure_pipeline(config: ml_collections.ConfigDict, *, batches: int = 20) -> dict[str, Any]:
+def measure_pipeline(config: ml_collections.ConfigDict, *, batches: int = 20,
+                     mock_examples: int = 0) -> dict[str, Any]:
   """Images/s the host input pipeline (`data.train_iterator`, this process) delivers alone,
   timed over `batches` batches after the first (which loads the dataset). The prefetch queue
   (`config.data.prefetch` batches) may be full when timing starts, which flatters the figure
-  by at most prefetch / batches."""
-  from mixskd_jax import data  # pylint: disable=import-outside-toplevel  (imports TF)
+  by at most prefetch / batches.
+
+  mock_examples > 0: the dataset is replaced by `tfds.testing.mock_data` with that many random
+  images of the real shape and encoding, for machines without the data. The per-image work
+  (indexing, decoding, augmentation, batching) is the real pipeline's; reading from disk is
+  not measured.
+  """
+  if mock_examples > 0:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  (heavy)
+    with tfds.testing.mock_data(num_examples=mock_examples):
+      result = _time_pipeline(config, batches)
+    result["mock_examples"] = mock_examples
+    return result
   reason = _dataset_unavailable(config)
   if reason is not None:
     return {"unavailable": reason}
+  return _time_pipeline(config, batches)
+
+
+def _time_pipeline(config: ml_collections.ConfigDict, batches: int) -> dict[str, Any]:
+  from mixskd_jax import data  # pylint: disable=import-outside-toplevel  (imports TF)
   try:
     iterator = data.train_iterator(config, process_index=jax.process_index(),
                                    process_count=jax.process_count())
@@ -299,8 +316,8 @@ def measure_pipeline(config: ml_collections.ConfigDict, *, batches: int = 20) ->
 def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
                   skip_ce: bool = False, skip_pipeline: bool = False,
                   peak_gflops: float | None = None, probe_size: int | None = None,
-                  pipeline_batches: int = 20, json_out: str | None = None,
-                  label: str = "") -> dict[str, Any]:
+                  pipeline_batches: int = 20, pipeline_mock_examples: int = 0,
+                  json_out: str | None = None, label: str = "") -> dict[str, Any]:
   """Measures `config` (see the module docstring); returns the results and writes them as JSON
   to `json_out` if given. `format_table(result)` prints them.
 
@@ -312,6 +329,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
       accelerators, else the float32 matmul probe.
     probe_size: matmul probe size; None: 2048 on CPU, 8192 elsewhere.
     pipeline_batches: batches the pipeline is timed over.
+    pipeline_mock_examples: > 0 times the pipeline on that many tfds mock images
+      (`measure_pipeline`), for datasets this machine does not have.
     label: a name for the table's title, e.g. the config's path.
   """
   info = _device_info()
@@ -336,7 +355,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
     result["ce_step"] = measure_step(recipes.with_method(config, "cross_entropy"), **timing)
     result["ratios"] = _ratios(result["step"], result["ce_step"])
   if not skip_pipeline:  # last: its reader threads slow XLA's CPU steps while they exist
-    result["pipeline"] = measure_pipeline(config, batches=pipeline_batches)
+    result["pipeline"] = measure_pipeline(config, batches=pipeline_batches,
+                                          mock_examples=pipeline_mock_examples)
     if "images_per_s" in result["pipeline"] and "clean_images_per_s" in result["step"]:
       result["pipeline"]["over_step_consumption"] = (
           result["pipeline"]["images_per_s"] / result["step"]["clean_images_per_s"])
@@ -416,7 +436,9 @@ def format_table(result: dict[str, Any]) -> str:
     if "unavailable" in pipe:
       lines.append(f"input pipeline: unavailable: {pipe['unavailable']}")
     else:
-      lines.append(f"input pipeline: {pipe['images_per_s']:.0f} images/s alone = "
+      mock = (f" (tfds mock data, {pipe['mock_examples']} images of the real shape)"
+              if pipe.get("mock_examples") else "")
+      lines.append(f"input pipeline{mock}: {pipe['images_per_s']:.0f} images/s alone = "
                    f"{_fmt(pipe.get('over_step_consumption'), '.1f', 'x')} what the step "
                    "consumes")
   return "\n".join(lines)
@@ -431,7 +453,7 @@ def main(argv):
   result = run_benchmark(f.config, steps=f.steps, warmup=f.warmup, skip_ce=f.skip_ce,
                          skip_pipeline=f.skip_pipeline, peak_gflops=f.peak_gflops,
                          probe_size=f.probe_size, pipeline_batches=f.pipeline_batches,
-                         json_out=f.json_out, label=_config_label())
+                         pipeline_mock_examples=f.pipeline_mock_examples, json_out=f.json_out, label=_config_label())
   print(format_table(result))
   if f.json_out:
     print(f"\nwrote {f.json_out}")
@@ -462,4 +484,7 @@ if __name__ == "__main__":
                      "datasheet bf16 peak of known accelerators, else a float32 matmul probe).")
   flags.DEFINE_integer("probe_size", None, "Matmul probe size (default 2048 on CPU, 8192 else).")
   flags.DEFINE_integer("pipeline_batches", 20, "Batches the input pipeline is timed over.")
+  flags.DEFINE_integer("pipeline_mock_examples", 0,
+                       "> 0: time the pipeline on that many tfds mock images of the real shape "
+                       "(for datasets this machine does not have).")
   app.run(main)

@@ -128,6 +128,13 @@ def test_pipeline_unavailable_is_reported_not_raised(tmp_path):
   assert "cifar100" in out["unavailable"] and "does not download" in out["unavailable"]
 
 
+def test_pipeline_on_mock_data_for_a_dataset_not_here(tmp_path):
+  """--pipeline_mock_examples times the real CIFAR pipeline on mock images of the real shape."""
+  config = _tiny_benchmark_config(**{"data.name": "cifar100", "data.data_dir": str(tmp_path)})
+  out = benchmark.measure_pipeline(config, batches=2, mock_examples=64)
+  assert out["mock_examples"] == 64 and out["batches"] == 2 and out["images_per_s"] > 0
+
+
 def _write_idx(folder, n, seed=0):
   """Four tiny gzipped Fashion-MNIST IDX files (n train and n test images)."""
   rng = np.random.default_rng(seed)

@@ -158,3 +158,40 @@ def test_command_trains_reports_and_skips_finished_runs(tmp_path):
     runner.main(["run"])
   assert len(_timing(workdir, "cross_entropy/seed0")["invocations"]) == 1
   assert len(_timing(workdir, "cross_entropy/seed1")["invocations"]) == 2
+
+
+RESULTS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "results")
+README_NAMES = {"cross_entropy": "cross-entropy", "label_smoothing": "label smoothing",
+                "mixup": "mixup", "cutmix": "CutMix", "cs_kd": "CS-KD", "ps_kd": "PS-KD",
+                "byot": "BYOT", "mixskd_reference_cifar": "MixSKD `reference_cifar`",
+                "mixskd_full": "MixSKD `full`", "mixskd_adversarial": "MixSKD `adversarial`"}
+
+
+def _rows(markdown):
+  """First cell -> the other cells (bold marks removed) of every table row."""
+  rows = {}
+  for line in markdown.splitlines():
+    if line.startswith("|") and not line.startswith("|---"):
+      cells = [c.strip().replace("**", "") for c in line.strip("|").split("|")]
+      rows[cells[0]] = cells[1:]
+  return rows
+
+
+def test_committed_results_readme_quotes_the_committed_table():
+  """experiments/results/README.md repeats fashion_mnist/table.md exactly (seeds column
+  dropped) and the ablation table's numbers."""
+  with open(os.path.join(RESULTS, "README.md")) as f:
+    text = f.read()
+  readme = _rows(text.split("## Main table", 1)[1].split("\n## ", 1)[0])
+  readme_ablation = _rows(text.split("## Ablation", 1)[1].split("\n## ", 1)[0])
+  with open(os.path.join(RESULTS, "fashion_mnist", "table.md")) as f:
+    table = _rows(f.read())
+  for name, shown in README_NAMES.items():
+    top1, _, best, heads, ece, step, cost = table[name]
+    assert readme[shown] == [top1, best, heads, ece, step, cost], name
+  with open(os.path.join(RESULTS, "fashion_mnist", "ablation.md")) as f:
+    ablation = _rows(f.read())
+  values = [cells[0] for name, cells in ablation.items() if name.startswith("full")]
+  readme_values = [cells[0] for name, cells in readme_ablation.items()
+                   if name == "all terms" or name.startswith("without")]
+  assert values == readme_values
