@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments import protocol
+from mixskd_jax.train.steps import expected_calibration_error
 
 MIXSKD_HEADS_RUN = "mixskd_full"
 RELIABILITY_RUNS = ("cross_entropy", "mixup", "mixskd_full")
@@ -242,7 +243,7 @@ def _plots(suite: protocol.Suite, runs: Sequence[protocol.Run], loaded: dict[str
              label="accuracy")
       ax.plot([0, 1], [0, 1], "k--", linewidth=1)
       ax.plot(centres[count > 0], (conf / safe)[count > 0], "r.", label="mean confidence")
-      ece = 100 * np.sum(np.abs(correct - conf)) / np.sum(count)
+      ece = expected_calibration_error(count, conf, correct)
       ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{name}: ECE {ece:.2f}%")
       ax.legend(fontsize=8, loc="upper left")
     axes[0][0].set_ylabel("accuracy (backbone head)")

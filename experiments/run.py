@@ -22,6 +22,7 @@ Paper scale, for machines with accelerators (data from tfds; any config field wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -108,7 +109,7 @@ def enable_compilation_cache(directory: str) -> None:
 def selected_runs(suite: protocol.Suite, seeds: Sequence[str] | None,
                   methods: Sequence[str] | None, ablations: bool) -> list[protocol.Run]:
   if seeds:
-    suite = protocol.dataclasses.replace(suite, seeds=tuple(int(s) for s in seeds))
+    suite = dataclasses.replace(suite, seeds=tuple(int(s) for s in seeds))
   runs = protocol.suite_runs(suite, ablations=ablations)
   if methods:
     known = {r.spec.name for r in runs}

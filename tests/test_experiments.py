@@ -1,6 +1,7 @@
 """The comparison command: every suite's runs are valid configs, the runner trains what is not
 finished and nothing else, and the report's numbers are the runs' numbers."""
 
+import dataclasses
 import json
 import os
 
@@ -10,7 +11,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from absl.testing import flagsaver
 
-from experiments import protocol, report, run as runner
+from experiments import protocol, run as runner
 from mixskd_jax import config_schema
 from mixskd_jax.train import methods
 from mixskd_jax.train.loop import train_and_evaluate
@@ -109,7 +110,7 @@ def test_command_trains_reports_and_skips_finished_runs(tmp_path):
   with flagsaver.flagsaver(**args):
     runner.main(["run"])
   suite = protocol.get_suite("smoke")
-  runs = runner.selected_runs(protocol.dataclasses.replace(suite, seeds=(0, 1)), None,
+  runs = runner.selected_runs(dataclasses.replace(suite, seeds=(0, 1)), None,
                               args["methods"], True)
   assert [r.name for r in runs] == ["cross_entropy/seed0", "cross_entropy/seed1",
                                     "mixskd_full/seed0", "mixskd_full/seed1",

@@ -127,6 +127,9 @@ class Trainer:
                                num_epochs=self.num_epochs)
     self.root_key, init_key = jax.random.split(jax.random.key(config.seed))
     self.state, self.tx, self.schedule = self._init_state(init_key)
+    # Filled by run(): the measured step time and the latest evaluation's reliability bins.
+    self.train_step_time_s = None
+    self.last_calibration = None
     self._compile()
 
   def _init_state(self, key):
@@ -253,8 +256,8 @@ class Trainer:
                "method": self.method.name, "variant": self.config.objective.variant,
                # Wall time per training step after the first (compiling) one, evaluations and
                # checkpoints excluded, input pipeline included; None if too few steps ran.
-               "train_step_time_s": getattr(self, "train_step_time_s", None),
-               "calibration": getattr(self, "last_calibration", None)}
+               "train_step_time_s": self.train_step_time_s,
+               "calibration": self.last_calibration}
     if history:
       final = history[-1]
       best = max(history, key=lambda h: h["eval/top1/backbone"])
