@@ -94,13 +94,11 @@ def discriminator_bce(interpolated_logits: jax.Array, mixup_logits: jax.Array) -
     mixup_logits: (N, 2) discriminator outputs on features of the mixed images.
 
   Returns:
-    (2N,) per-row BCE averaged over the two columns, interpolated rows first. Its mean is
-    the reference's mean over all 2N x 2 entries.
+    (N,) per example: the mean of its interpolated row's and its mixup row's four entries.
+    Its mean is the reference's mean over all 2N x 2 entries. Computed per example, without
+    joining the two views' rows, so that rows sharded over devices stay where they are.
   """
-  logits = jnp.concatenate([upcast(interpolated_logits), upcast(mixup_logits)], axis=0)
-  n = interpolated_logits.shape[0]
-  targets = jnp.concatenate([
-      jnp.broadcast_to(jnp.array([1.0, 0.0], jnp.float32), (n, 2)),
-      jnp.broadcast_to(jnp.array([0.0, 1.0], jnp.float32), (mixup_logits.shape[0], 2)),
-  ], axis=0)
-  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets), axis=-1)
+  targets = jnp.array([1.0, 0.0], jnp.float32)
+  interp = optax.sigmoid_binary_cross_entropy(upcast(interpolated_logits), targets)
+  mixup = optax.sigmoid_binary_cross_entropy(upcast(mixup_logits), 1.0 - targets)
+  return 0.5 * (jnp.mean(interp, axis=-1) + jnp.mean(mixup, axis=-1))

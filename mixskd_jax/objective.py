@@ -105,10 +105,6 @@ def _reversal_bwd(scale, _, g):
 gradient_reversal.defvjp(_reversal_fwd, _reversal_bwd)
 
 
-def _split(x: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
-  return x[:batch_size], x[batch_size:]
-
-
 def mixskd_loss(
     outputs: ModelOutputs,
     labels: jax.Array,
@@ -121,10 +117,13 @@ def mixskd_loss(
   """The MixSKD objective of one step.
 
   Args:
-    outputs: the model's outputs on the 2B images `[clean; mixed]`: H heads of logits
-      (2B, C) and final feature maps (2B, h, w, c), ordered branch 1 .. branch H-1, main.
+    outputs: the model's outputs on the 2B images `mixing.stack_views(clean, mixed,
+      mix.num_groups)` (with one mix group: `[clean; mixed]`): H heads of logits (2B, C) and
+      final feature maps (2B, h, w, c), ordered branch 1 .. branch H-1, main.
     labels: (B,) integer labels of the clean images.
-    mix: the `lam` and permutation that made the mixed half from the clean half.
+    mix: the `lam` and permutation that made the mixed half from the clean half; with G mix
+      groups every group's rows stay together, so nothing crosses devices when the groups
+      lie on them.
     self_teacher: maps the H feature maps of one view (B, h, w, c) to logits (B, C).
     discriminators: maps H pooled feature arrays (2B, c) to H logit arrays (2B, 2).
     config: variant, temperature and weights.
@@ -142,19 +141,25 @@ def mixskd_loss(
     if z.shape[0] != 2 * batch:
       raise ValueError(f"outputs must cover 2B = {2 * batch} images [clean; mixed] for {batch} "
                        f"labels, got logits of shape {z.shape}.")
-  clean_logits, mixup_logits = zip(*(_split(losses.upcast(z), batch)
+  groups = mix.num_groups
+  clean_logits, mixup_logits = zip(*(mixing.split_views(losses.upcast(z), groups)
                                      for z in outputs.logits))
-  clean_feats, mixup_feats = zip(*(_split(g, batch) for g in outputs.features))
+  clean_feats, mixup_feats = zip(*(mixing.split_views(g, groups) for g in outputs.features))
   # "Mix of the outputs": interpolate the clean half with the input's lam and permutation.
   interp_logits, interp_feats = mixing.mix((clean_logits, clean_feats), mix)
   labels_b = mixing.permute(labels, mix.perm)
-  mix_ce = lambda z: jnp.mean(losses.mixup_cross_entropy(z, labels, labels_b, mix.lam))
+  lam = mix.example_lam()
+  mix_ce = lambda z: jnp.mean(losses.mixup_cross_entropy(z, labels, labels_b, lam))
   kl = lambda s, t: jnp.mean(losses.temperature_kl(s, t, config.temperature))
 
-  teacher_interp = losses.upcast(self_teacher(interp_feats))   # t_hat
-  teacher_mixup = losses.upcast(self_teacher(mixup_feats))     # t_tilde
+  # t_hat (from the interpolated features) and t_tilde (from the mixup ones) in one call:
+  # the self-teacher works row by row, and one call gives its parameters one gradient to
+  # all-reduce across devices instead of two.
+  teacher_interp, teacher_mixup = mixing.split_views(losses.upcast(self_teacher(
+      [mixing.stack_views(i, m, groups) for i, m in zip(interp_feats, mixup_feats)])), groups)
 
-  pooled = [jnp.concatenate([global_avg_pool(i), global_avg_pool(m)], axis=0)
+  # Laid out like the network's rows, so each group's pooled features stay on its device.
+  pooled = [mixing.stack_views(global_avg_pool(i), global_avg_pool(m), groups)
             for i, m in zip(interp_feats, mixup_feats)]
   if config.trains_discriminators:
     pooled = [gradient_reversal(p, config.gradient_reversal_scale) for p in pooled]
@@ -173,7 +178,7 @@ def mixskd_loss(
                           for k in range(num_heads - 1)), jnp.zeros((), jnp.float32)),
       "feature_mse": sum(jnp.mean(losses.feature_mse(i, m))
                          for i, m in zip(interp_feats, mixup_feats)),
-      "discriminator": sum(jnp.mean(losses.discriminator_bce(d[:batch], d[batch:]))
+      "discriminator": sum(jnp.mean(losses.discriminator_bce(*mixing.split_views(d, groups)))
                            for d in disc_logits),
   }
   loss = jnp.zeros((), jnp.float32)
@@ -195,10 +200,11 @@ def apply_mixskd(
     mix: MixParams,
     config: ObjectiveConfig,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], ModelOutputs, Any]]:
-  """Mixes `images`, runs a `MixSKDResNet` in train mode on [clean; mixed], computes the loss.
+  """Mixes `images`, runs a `MixSKDResNet` in train mode on both views, computes the loss.
 
-  One forward pass over the 2B images, so BatchNorm normalizes both halves together, as
-  the reference does.
+  One forward pass over the 2B rows `mixing.stack_views(clean, mixed, mix.num_groups)`, so
+  BatchNorm normalizes both views together, as the reference does (per BatchNorm group of the
+  model: `model.batchnorm_groups`).
 
   Args:
     model: a MixSKD network with `__call__(x, train)`, `teach` and `discriminate`.
@@ -212,7 +218,7 @@ def apply_mixskd(
     (loss, (terms, outputs, new_batch_stats)); differentiate with `has_aux=True`.
   """
   def forward(module, images):
-    x = jnp.concatenate([images, mixing.mix(images, mix)], axis=0)
+    x = mixing.stack_views(images, mixing.mix(images, mix), mix.num_groups)
     outputs = module(x, train=True)
     loss, terms = mixskd_loss(outputs, labels, mix, self_teacher=module.teach,
                               discriminators=module.discriminate, config=config)

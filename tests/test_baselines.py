@@ -107,7 +107,7 @@ def _method(name, **config_overrides):
     config.baselines[key] = value
   model = build_model("small_resnet", 10, mixskd=config.model.mixskd)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-  return methods.build_method(config, num_shards=1, steps_per_epoch=2, num_epochs=4), model, \
+  return methods.build_method(config, num_groups=1, steps_per_epoch=2, num_epochs=4), model, \
       variables
 
 

@@ -61,7 +61,7 @@ def test_sample_lambda_deterministic_per_key():
 
 
 def test_sample_mix_single_shard_is_a_permutation():
-  """num_shards = 1: perm is (B,) int32 and a permutation of arange(B)."""
+  """num_groups = 1: perm is (B,) int32 and a permutation of arange(B)."""
   params = mixing.sample_mix(jax.random.key(5), 16, 0.4)
   perm = np.asarray(params.perm)
   assert perm.shape == (16,)
@@ -72,8 +72,8 @@ def test_sample_mix_single_shard_is_a_permutation():
 
 
 def test_sample_mix_per_shard_rows_are_permutations():
-  """num_shards = S: perm is (S, B // S), each row a permutation of arange(B // S)."""
-  params = mixing.sample_mix(jax.random.key(6), 32, 0.4, num_shards=4)
+  """num_groups = S: perm is (S, B // S), each row a permutation of arange(B // S)."""
+  params = mixing.sample_mix(jax.random.key(6), 32, 0.4, num_groups=4)
   perm = np.asarray(params.perm)
   assert perm.shape == (4, 8)
   assert params.perm.dtype == jnp.int32
@@ -99,11 +99,11 @@ def test_sample_mix_alpha_zero_gives_lam_one():
   assert float(mixing.sample_mix(jax.random.key(9), 8, 0.0).lam) == 1.0
 
 
-@pytest.mark.parametrize("batch_size,num_shards", [(10, 4), (8, 3), (8, 0)])
-def test_sample_mix_indivisible_batch_raises(batch_size, num_shards):
-  """A batch that does not split into the shards is a clear ValueError naming num_shards."""
-  with pytest.raises(ValueError, match="num_shards"):
-    mixing.sample_mix(jax.random.key(10), batch_size, 0.4, num_shards=num_shards)
+@pytest.mark.parametrize("batch_size,num_groups", [(10, 4), (8, 3), (8, 0)])
+def test_sample_mix_indivisible_batch_raises(batch_size, num_groups):
+  """A batch that does not split into the shards is a clear ValueError naming num_groups."""
+  with pytest.raises(ValueError, match="num_groups"):
+    mixing.sample_mix(jax.random.key(10), batch_size, 0.4, num_groups=num_groups)
 
 
 # ---------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_sample_mix_indivisible_batch_raises(batch_size, num_shards):
 
 def test_global_permutation_stays_inside_shards():
   """Per-shard perm -> a global permutation; element s*P + i maps to s*P + perm[s, i]."""
-  perm = mixing.sample_mix(jax.random.key(11), 24, 0.4, num_shards=3).perm
+  perm = mixing.sample_mix(jax.random.key(11), 24, 0.4, num_groups=3).perm
   g = np.asarray(mixing.global_permutation(perm))
   p = np.asarray(perm)
   assert g.shape == (24,)
@@ -235,7 +235,7 @@ def test_mix_per_shard_equals_shard_by_shard_single_mix():
 def test_mix_per_shard_equals_mix_with_global_permutation(jit):
   """Mixing with (S, B//S) perm equals mixing with global_permutation(perm)."""
   tree = jax.tree_util.tree_map(jnp.asarray, _tree(18, b=12))
-  params = mixing.sample_mix(jax.random.key(19), 12, 0.4, num_shards=3)
+  params = mixing.sample_mix(jax.random.key(19), 12, 0.4, num_groups=3)
   fn = jax.jit(mixing.mix) if jit else mixing.mix
   sharded = fn(tree, params)
   flat = fn(tree, MixParams(lam=params.lam, perm=mixing.global_permutation(params.perm)))
@@ -250,7 +250,7 @@ def test_mix_with_sampled_params_under_jit():
 
   @jax.jit
   def step(key, tree):
-    params = mixing.sample_mix(key, 16, 0.4, num_shards=2)
+    params = mixing.sample_mix(key, 16, 0.4, num_groups=2)
     return params, mixing.mix(tree, params)
 
   params, got = step(jax.random.key(21), jax.tree_util.tree_map(jnp.asarray, tree))

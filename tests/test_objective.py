@@ -141,16 +141,45 @@ def test_temperature_is_a_parameter(synthetic):
   np.testing.assert_allclose(t3["clean_ce"], t1["clean_ce"])
 
 
-def test_per_shard_permutation_equals_its_global_form(synthetic):
-  """Pairs inside data shards: the objective with an (S, B/S) perm equals the (B,) one."""
+def test_per_group_permutation_equals_its_global_form(synthetic):
+  """Pairs inside mix groups: the objective with a (G, B/G) perm, on outputs laid out per group
+  ([clean_0; mixed_0; clean_1; mixed_1]), equals the (B,) global form on [clean; mixed]."""
   s = synthetic
-  shard_perm = np.array([[1, 2, 0], [0, 2, 1]])
+  group_perm = np.array([[1, 2, 0], [0, 2, 1]])
+  regroup = lambda rows: [np.asarray(mixing.stack_views(x[:B], x[B:], 2)) for x in rows]
   config = ObjectiveConfig.for_variant("full")
-  loss_s, terms_s = run_loss(s, config, perm=shard_perm)
-  loss_g, terms_g = run_loss(s, config,
-                             perm=np.asarray(mixing.global_permutation(jnp.asarray(shard_perm))))
+  _, terms_s = run_loss(s, config, perm=group_perm, logits=regroup(s["logits"]),
+                        feats=regroup(s["feats"]))
+  _, terms_g = run_loss(s, config,
+                        perm=np.asarray(mixing.global_permutation(jnp.asarray(group_perm))))
   for name in terms_s:
-    np.testing.assert_allclose(terms_s[name], terms_g[name], rtol=1e-6)
+    np.testing.assert_allclose(terms_s[name], terms_g[name], rtol=1e-6, err_msg=name)
+
+
+def test_per_group_lam_is_the_mean_of_independent_groups(synthetic):
+  """With one lam per mix group, every term is the mean of the terms each group gives alone
+  (its own rows, lam and permutation): what DDP averages over GPUs."""
+  s = synthetic
+  group_perm, lams = np.array([[1, 2, 0], [0, 2, 1]]), np.array([0.2, 0.9], np.float32)
+  config = ObjectiveConfig.for_variant("full")
+  outputs = lambda rows: tuple(jnp.asarray(mixing.stack_views(x[:B], x[B:], 2)) for x in rows)
+  call = lambda logits, feats, y, lam, perm: objective.mixskd_loss(
+      ModelOutputs(logits=logits, features=feats), jnp.asarray(y),
+      mixing.MixParams(lam=jnp.asarray(lam), perm=jnp.asarray(perm, jnp.int32)), config=config,
+      self_teacher=lambda f: s["st"].apply(s["st_vars"], f),
+      discriminators=lambda p: s["disc"].apply(s["d_vars"], p))[1]
+  together = call(outputs(s["logits"]), outputs(s["feats"]), s["y"], lams, group_perm)
+  half = B // 2
+  alone = [call(tuple(jnp.asarray(np.concatenate([x[g * half:(g + 1) * half],
+                                                  x[B + g * half:B + (g + 1) * half]]))
+                      for x in s["logits"]),
+                tuple(jnp.asarray(np.concatenate([x[g * half:(g + 1) * half],
+                                                  x[B + g * half:B + (g + 1) * half]]))
+                      for x in s["feats"]),
+                s["y"][g * half:(g + 1) * half], lams[g], group_perm[g]) for g in range(2)]
+  for name in together:
+    np.testing.assert_allclose(together[name], (alone[0][name] + alone[1][name]) / 2,
+                               rtol=1e-5, err_msg=name)
 
 
 def grads_by_term(s, term, variant="full", **kw):

@@ -86,25 +86,43 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=(1, 2))
 
 
+RUNNING_STATS = ("mean_of_groups", "first_group")
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over all but the channel axis with PyTorch's exact semantics.
 
   Train mode normalizes with the biased batch variance (two-pass, float32) and updates the
   running variance with the *unbiased* one, as `torch.nn.BatchNorm2d` does; Flax's
   BatchNorm stores the biased variance, which would drift eval results from the
-  reference's. Under `jax.jit` with a sharded batch the statistics are global.
+  reference's.
+
+  With `groups` > 1 the rows are split into that many contiguous groups and each group is
+  normalized with its own statistics, as every GPU of a DistributedDataParallel run without
+  SyncBN normalizes its own rows. Under `jax.jit` with the rows sharded over devices, groups
+  that lie within one device need no communication; `groups = 1` takes statistics over the
+  whole (global) batch, which XLA all-reduces across devices (SyncBN).
 
   Attributes:
     momentum: weight of the old running statistics (PyTorch momentum 0.1 == 0.9 here).
     epsilon: added to the variance.
+    groups: contiguous row groups with their own statistics in train mode; must divide the
+      rows.
+    running_stats: what updates the running statistics when `groups` > 1: "mean_of_groups"
+      (the mean of the groups' means and of their unbiased variances) or "first_group"
+      (group 0's alone: what a DDP run saves, rank 0's buffers, which DDP also broadcasts to
+      the other ranks every step).
     dtype: output dtype; statistics are computed in at least float32.
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
+  groups: int = 1
+  running_stats: str = "mean_of_groups"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """x: (N, ..., C) -> the same shape, normalized per channel (and per group in train)."""
     features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
@@ -112,20 +130,32 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
     # Statistics in at least float32 (float64 stays float64 under x64).
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    if train:
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x32, axis=axes)
-      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
-      if not self.is_initializing():
-        count = math.prod(x.shape[:-1])
-        unbiased = var * (count / max(count - 1, 1))
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
-    else:
-      mean, var = ra_mean.value, ra_var.value
-    y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-    return y.astype(self.dtype)
+    if not train:
+      y = (x32 - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+      return y.astype(self.dtype)
+    if self.running_stats not in RUNNING_STATS:
+      raise ValueError(f"BatchNorm running_stats={self.running_stats!r} must be one of "
+                       f"{RUNNING_STATS}.")
+    if self.groups < 1 or x.shape[0] % self.groups:
+      raise ValueError(f"BatchNorm groups={self.groups} must divide the {x.shape[0]} rows of the "
+                       "batch (config.model.batchnorm_groups).")
+    grouped = x32.reshape((self.groups, x.shape[0] // self.groups) + x.shape[1:])
+    axes = tuple(range(1, grouped.ndim - 1))
+    mean = jnp.mean(grouped, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
+    if not self.is_initializing():
+      count = math.prod(grouped.shape[1:-1])
+      unbiased = (var * (count / max(count - 1, 1))).reshape(self.groups, features)
+      group_mean = mean.reshape(self.groups, features)
+      pick = ((lambda s: s[0]) if self.running_stats == "first_group"
+              else (lambda s: jnp.mean(s, axis=0)))
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * pick(group_mean)
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * pick(unbiased)
+    y = (grouped - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.reshape(x.shape).astype(self.dtype)
 
 
-def batch_norm(*, momentum: float, epsilon: float, dtype: Dtype) -> Callable[..., BatchNorm]:
-  return functools.partial(BatchNorm, momentum=momentum, epsilon=epsilon, dtype=dtype)
+def batch_norm(*, momentum: float, epsilon: float, dtype: Dtype, groups: int = 1,
+               running_stats: str = "mean_of_groups") -> Callable[..., BatchNorm]:
+  return functools.partial(BatchNorm, momentum=momentum, epsilon=epsilon, groups=groups,
+                           running_stats=running_stats, dtype=dtype)

@@ -34,7 +34,9 @@ SPECS: dict[str, ResNetSpec] = {
 
 def build_model(name: str, num_classes: int, *, mixskd: bool = True, dtype: Any = jnp.float32,
                 discriminator_hidden: int = 128, conv_input_barrier: bool = False,
-                remat_branches: bool = False, **spec_overrides: Any) -> nn.Module:
+                remat_branches: bool = False, batchnorm_groups: int = 1,
+                batchnorm_running_stats: str = "mean_of_groups",
+                **spec_overrides: Any) -> nn.Module:
   """Builds a registered model.
 
   Args:
@@ -48,6 +50,9 @@ def build_model(name: str, num_classes: int, *, mixskd: bool = True, dtype: Any 
       training steps on CPU; same values, same parameters; `layers.conv`).
     remat_branches: recompute the auxiliary branches' activations in the backward pass
       (less memory, same values; MixSKD only).
+    batchnorm_groups: contiguous row groups with their own BatchNorm statistics in train
+      mode (`layers.BatchNorm`); 1: the whole batch.
+    batchnorm_running_stats: "mean_of_groups" or "first_group" (`layers.BatchNorm`).
     **spec_overrides: fields of `ResNetSpec` to change, e.g. `stage_sizes=(2, 2, 2)`.
 
   Returns:
@@ -59,6 +64,8 @@ def build_model(name: str, num_classes: int, *, mixskd: bool = True, dtype: Any 
   if unknown:
     raise ValueError(f"Unknown ResNetSpec fields {sorted(unknown)} for model {name!r}.")
   spec = dataclasses.replace(SPECS[name], **{"conv_input_barrier": conv_input_barrier,
+                                             "bn_groups": batchnorm_groups,
+                                             "bn_running_stats": batchnorm_running_stats,
                                              **spec_overrides})
   if mixskd:
     if spec.num_stages < 2:
@@ -76,12 +83,17 @@ def build_model_from_config(model_config: Any, num_classes: int) -> nn.Module:
 
   Args:
     model_config: `config.model`: name, mixskd, dtype ("float32" | "bfloat16"),
-      discriminator_hidden, conv_input_barrier, remat_branches.
+      discriminator_hidden, conv_input_barrier, remat_branches, batchnorm_groups (resolved
+      for the devices: `train.layout.resolve`), batchnorm_running_stats.
     num_classes: classes of every head (the dataset's).
   """
   if model_config.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={model_config.dtype!r} must be one of "
                      f"{list(DTYPES)}.")
+  groups = model_config.get("batchnorm_groups", 1)
+  if groups < 1:
+    raise ValueError(f"config.model.batchnorm_groups={groups} is not resolved for the devices "
+                     "yet: build from `mixskd_jax.train.layout.resolve(config, num_devices)`.")
   return build_model(model_config.name, num_classes, mixskd=model_config.mixskd,
                      dtype=DTYPES[model_config.dtype],
                      discriminator_hidden=model_config.discriminator_hidden,
@@ -89,4 +101,7 @@ def build_model_from_config(model_config: Any, num_classes: int) -> nn.Module:
                      # their own fusion choices.
                      conv_input_barrier=(bool(model_config.conv_input_barrier)
                                          and jax.default_backend() == "cpu"),
-                     remat_branches=bool(model_config.remat_branches))
+                     remat_branches=bool(model_config.remat_branches),
+                     batchnorm_groups=groups,
+                     batchnorm_running_stats=model_config.get("batchnorm_running_stats",
+                                                              "mean_of_groups"))

@@ -36,6 +36,11 @@ class ResNetSpec:
     init_scheme: "torch_default" (CIFAR models) or "kaiming_fan_out" (torchvision ImageNet).
     bn_momentum: weight of the old running statistics (0.9 == PyTorch's 0.1).
     bn_epsilon: BatchNorm epsilon (PyTorch default 1e-5).
+    bn_groups: contiguous row groups that BatchNorm normalizes separately in train mode
+      (`layers.BatchNorm`): 1 for statistics over the whole batch, one per device for a
+      DDP run without SyncBN. A training choice, not part of the architecture.
+    bn_running_stats: how the groups update the running statistics ("mean_of_groups" or
+      "first_group", `layers.BatchNorm`).
     conv_input_barrier: an optimization barrier on every convolution's input (see
       `layers.conv`): a compilation choice, not part of the architecture; the values
       computed are the same either way.
@@ -50,6 +55,8 @@ class ResNetSpec:
   init_scheme: str = "torch_default"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  bn_groups: int = 1
+  bn_running_stats: str = "mean_of_groups"
   conv_input_barrier: bool = False
 
   def __post_init__(self):
@@ -62,6 +69,16 @@ class ResNetSpec:
                        f"per stage; got {self.stage_sizes}, {self.stage_widths}, "
                        f"{self.stage_strides}.")
     layers.conv_kernel_init(self.init_scheme)  # validates the name
+    if self.bn_running_stats not in layers.RUNNING_STATS:
+      raise ValueError(f"ResNetSpec.bn_running_stats={self.bn_running_stats!r} must be one of "
+                       f"{layers.RUNNING_STATS}.")
+    if self.bn_groups < 1:
+      raise ValueError(f"ResNetSpec.bn_groups={self.bn_groups} must be >= 1.")
+
+  def norm(self, dtype: Dtype):
+    """This spec's BatchNorm factory: `spec.norm(dtype)(name=...)(x, train)`."""
+    return layers.batch_norm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=dtype,
+                             groups=self.bn_groups, running_stats=self.bn_running_stats)
 
   @property
   def expansion(self) -> int:
@@ -90,8 +107,7 @@ class ResidualBlock(nn.Module):
     conv = lambda f, k, s, name: layers.conv(f, k, s, init_scheme=spec.init_scheme,
                                              dtype=self.dtype, name=name,
                                              input_barrier=spec.conv_input_barrier)
-    norm = layers.batch_norm(momentum=spec.bn_momentum, epsilon=spec.bn_epsilon,
-                             dtype=self.dtype)
+    norm = spec.norm(self.dtype)
     out_channels = self.width * spec.expansion
     if spec.block == "basic":
       y = nn.relu(norm(name="bn1")(conv(self.width, 3, self.strides, "conv1")(x), train))
@@ -132,8 +148,7 @@ class Stem(nn.Module):
     kernel, strides = (3, 1) if spec.stem == "cifar" else (7, 2)
     x = layers.conv(spec.stem_width, kernel, strides, init_scheme=spec.init_scheme,
                     dtype=self.dtype, name="conv1", input_barrier=spec.conv_input_barrier)(x)
-    x = layers.batch_norm(momentum=spec.bn_momentum, epsilon=spec.bn_epsilon,
-                          dtype=self.dtype)(name="bn1")(x, train)
+    x = spec.norm(self.dtype)(name="bn1")(x, train)
     if spec.stem_relu:
       x = nn.relu(x)
     if spec.stem == "imagenet":

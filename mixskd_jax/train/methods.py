@@ -86,16 +86,22 @@ def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:
       gradient_reversal_scale=config.objective.gradient_reversal_scale)
 
 
-def mixskd_method(config: ml_collections.ConfigDict, *, num_shards: int) -> Method:
-  """MixSKD: lam and a permutation (within each of `num_shards` data shards) from the key."""
+def mixskd_method(config: ml_collections.ConfigDict, *, num_groups: int) -> Method:
+  """MixSKD: lam and a permutation (within each of `num_groups` mix groups) from the key.
+
+  The outputs it returns hold the clean rows' logits only (what the step's accuracy reads).
+  """
   obj = objective_config(config)
   alpha = float(config.objective.alpha)
+  lam_per_group = bool(config.objective.get("lam_per_group", False))
 
   def loss(model, variables, inputs: StepInputs):
-    mix = mixing.sample_mix(inputs.key, inputs.images.shape[0], alpha, num_shards)
+    mix = mixing.sample_mix(inputs.key, inputs.images.shape[0], alpha, num_groups,
+                            lam_per_group=lam_per_group)
     value, (terms, outputs, stats) = objective.apply_mixskd(
         model, variables, inputs.images, inputs.labels, mix, obj)
-    return value, (terms, outputs, stats, inputs.method_state)
+    clean = tuple(mixing.split_views(z, num_groups)[0] for z in outputs.logits)
+    return value, (terms, outputs.replace(logits=clean), stats, inputs.method_state)
 
   return Method("mixskd", loss, lambda params: objective.parameter_partition(params, obj))
 
@@ -121,7 +127,7 @@ def label_smoothing_method(epsilon: float) -> Method:
 
 
 def _mixed_input_method(name: str, alpha: float, make_inputs: Callable,
-                        num_shards: int) -> Method:
+                        num_groups: int) -> Method:
   """Mixup and CutMix: the network sees only mixed images; the loss mixes the two labels.
 
   lam ~ Beta(alpha, alpha) and the partner permutation come from `mixing.sample_mix`;
@@ -129,7 +135,7 @@ def _mixed_input_method(name: str, alpha: float, make_inputs: Callable,
   """
   def loss(model, variables, inputs: StepInputs):
     mix_key, box_key = jax.random.split(inputs.key)
-    mix = mixing.sample_mix(mix_key, inputs.images.shape[0], alpha, num_shards)
+    mix = mixing.sample_mix(mix_key, inputs.images.shape[0], alpha, num_groups)
     mixed, lam = make_inputs(box_key, inputs.images, mix)
     outputs, stats = _forward(model, variables, mixed)
     labels_b = mixing.permute(inputs.labels, mix.perm)
@@ -140,18 +146,18 @@ def _mixed_input_method(name: str, alpha: float, make_inputs: Callable,
   return Method(name, loss, _all_trainable)
 
 
-def mixup_method(alpha: float, num_shards: int) -> Method:
+def mixup_method(alpha: float, num_groups: int) -> Method:
   """Mixup (Zhang et al.): one lam per batch, images mixed, loss-level label mixing."""
   return _mixed_input_method("mixup", alpha, lambda key, images, mix: (
-      mixing.mix(images, mix), mix.lam), num_shards)
+      mixing.mix(images, mix), mix.lam), num_groups)
 
 
-def cutmix_method(alpha: float, num_shards: int) -> Method:
+def cutmix_method(alpha: float, num_groups: int) -> Method:
   """CutMix (Yun et al.): one box per batch, lam recomputed from the box's clipped area."""
   def make_inputs(key, images, mix):
     inside, lam = baselines.cutmix_box(key, images.shape[1], images.shape[2], mix.lam)
     return baselines.cutmix_images(images, mixing.permute(images, mix.perm), inside), lam
-  return _mixed_input_method("cutmix", alpha, make_inputs, num_shards)
+  return _mixed_input_method("cutmix", alpha, make_inputs, num_groups)
 
 
 def cs_kd_method(temperature: float, weight: float) -> Method:
@@ -245,26 +251,26 @@ def check_config(config: ml_collections.ConfigDict) -> str:
   return name
 
 
-def build_method(config: ml_collections.ConfigDict, *, num_shards: int,
+def build_method(config: ml_collections.ConfigDict, *, num_groups: int,
                  steps_per_epoch: int = 1, num_epochs: int = 1) -> Method:
   """The method `config.method` names, with its hyperparameters from `config.baselines`.
 
   Args:
-    num_shards: data shards mixup pairs stay within (mixskd, mixup, cutmix).
+    num_groups: mix groups pairs stay within (mixskd, mixup, cutmix).
     steps_per_epoch, num_epochs: the schedule PS-KD's alpha_t follows.
   """
   name = check_config(config)
   b = config.get("baselines") or ml_collections.ConfigDict()
   if name == "mixskd":
-    return mixskd_method(config, num_shards=num_shards)
+    return mixskd_method(config, num_groups=num_groups)
   if name == "cross_entropy":
     return cross_entropy_method()
   if name == "label_smoothing":
     return label_smoothing_method(b.label_smoothing)
   if name == "mixup":
-    return mixup_method(b.mixup_alpha, num_shards)
+    return mixup_method(b.mixup_alpha, num_groups)
   if name == "cutmix":
-    return cutmix_method(b.cutmix_alpha, num_shards)
+    return cutmix_method(b.cutmix_alpha, num_groups)
   if name == "cs_kd":
     return cs_kd_method(b.kd_temperature, b.cs_kd_weight)
   if name == "ps_kd":
