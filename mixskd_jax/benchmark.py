@@ -28,7 +28,6 @@ and images/s are global.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import statistics
@@ -36,21 +35,16 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mixskd_jax import recipes
+from mixskd_jax import collectives, recipes
 from mixskd_jax.data import datasets
-from mixskd_jax.models.registry import build_model_from_config
 from mixskd_jax.benchmark_host import (  # noqa: F401  (part of this module's API)
     DATASHEET_BF16_TFLOPS, datasheet_peak_tflops, device_info as _device_info, matmul_probe,
     measure_pipeline)
-from mixskd_jax.models.xla_options import compiler_options
-from mixskd_jax.train import sharding, steps as train_steps
-from mixskd_jax.train.methods import build_method, check_config
-from mixskd_jax.train.optimizer import build_optimizer
-from mixskd_jax.train.state import TrainState
+from mixskd_jax.train import builder, layout, sharding
+from mixskd_jax.train.methods import check_config
 
 # The schedule only sets the learning rate's value, never the step's cost: any length will do.
 _NOMINAL_STEPS_PER_EPOCH = 1000
@@ -102,33 +96,18 @@ def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[st
   return batch
 
 
-def _setup(config: ml_collections.ConfigDict, mesh):
-  """The trainer's step for `config` (same model, method, optimizer, shardings, donation,
-  compiler options) and its state initializer, without touching the dataset."""
+def _build(config: ml_collections.ConfigDict, mesh) -> tuple[ml_collections.ConfigDict, Any]:
+  """`config` resolved for `mesh` and its run built as the trainer builds it (same model,
+  method, optimizer, shardings, donation, compiler options), without touching the dataset."""
   check_config(config)
-  sharding.check_divisible(config.batch_size, mesh, "batch_size")
+  config = layout.resolve(config, mesh.size)
   spec = datasets.get_spec(config.data.name)
-  model = build_model_from_config(config.model, spec.num_classes)
-  shards = config.objective.mix_shards if config.objective.mix_shards > 0 else mesh.size
-  method = build_method(config, num_shards=shards, steps_per_epoch=_NOMINAL_STEPS_PER_EPOCH,
-                        num_epochs=max(config.num_epochs, 1))
-  dummy = jax.ShapeDtypeStruct((1,) + spec.image_shape, jnp.float32)
-  abstract_vars = jax.eval_shape(model.init, jax.random.key(0), dummy)
-  tx, schedule = build_optimizer(config, steps_per_epoch=_NOMINAL_STEPS_PER_EPOCH,
-                                 num_epochs=max(config.num_epochs, 1),
-                                 partition=method.partition(abstract_vars["params"]))
-  repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-
-  def init_state(key):
-    variables = model.init(key, jnp.zeros(dummy.shape, dummy.dtype))
-    # PS-KD's prediction table gets one batch of rows: synthetic ids never exceed it.
-    return TrainState.create(variables, tx, method.init_state(config.batch_size,
-                                                              spec.num_classes))
-  step = jax.jit(functools.partial(train_steps.train_step, model=model, method=method, tx=tx,
-                                   schedule=schedule, mean=spec.mean, std=spec.std),
-                 in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-                 donate_argnums=(0,), compiler_options=compiler_options(config.model) or None)
-  return step, jax.jit(init_state, out_shardings=repl), repl, data
+  # PS-KD's prediction table gets one batch of rows: synthetic ids never exceed it.
+  shape = builder.DataShape(num_classes=spec.num_classes, image_shape=spec.image_shape,
+                            mean=spec.mean, std=spec.std, num_examples=config.batch_size)
+  return config, builder.build_steps(config, mesh, shape,
+                                     steps_per_epoch=_NOMINAL_STEPS_PER_EPOCH,
+                                     num_epochs=max(config.num_epochs, 1))
 
 
 def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
@@ -139,7 +118,9 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: 
   how memory is read for batches this machine could not run.
   """
   mesh = sharding.make_mesh()
-  step, init_state, repl, data = _setup(config, mesh)
+  config, built = _build(config, mesh)
+  step, init_state = built.train_step, built.init_state
+  repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   key = jax.random.key(config.seed)
   abstract_state = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
@@ -158,8 +139,13 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: 
                                             "cross_entropy"),
          "model": config.model.name, "dtype": config.model.dtype,
          "batch_size": config.batch_size, "devices": mesh.size,
+         "mix_groups": config.objective.mix_groups,
+         "batchnorm_groups": config.model.batchnorm_groups,
          "lower_s": t1 - t0, "compile_s": t2 - t1,
-         "flops_per_step_per_device": flops, "memory": _memory(compiled)}
+         "flops_per_step_per_device": flops, "memory": _memory(compiled),
+         "communication": collectives.communication(compiled),
+         "parameter_bytes": sum(x.size * x.dtype.itemsize for x in
+                                jax.tree_util.tree_leaves(abstract_state.params))}
   if steps <= 0:
     return out
   # Parameters from an "rbg" key: the same initializers, values that do not change the step's
@@ -237,6 +223,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
                        "remat_branches": config.model.remat_branches}}
   timing = dict(steps=steps, warmup=warmup, peak_flops_per_s=peak["gflops"] * 1e9)
   result["step"] = measure_step(config, **timing)
+  result["config"]["batch_size"] = result["step"]["batch_size"]  # resolved for the devices
   if not skip_ce and result["step"]["method"] != "cross_entropy":
     result["ce_step"] = measure_step(recipes.with_method(config, "cross_entropy"), **timing)
     result["ratios"] = _ratios(result["step"], result["ce_step"])
@@ -283,7 +270,13 @@ def _step_rows(s: dict) -> dict[str, str]:
       "achieved GFLOP/s/device": _fmt(s.get("achieved_gflops_per_device"), ".1f"),
       "fraction of peak": _fmt(s.get("fraction_of_peak"), ".1%"),
       "peak memory/device": _fmt(None if mem is None else mem / 2 ** 30, ".2f", " GiB"),
-  }
+      "communication/step/device": _fmt_bytes(s["communication"]["total_bytes"]),
+  } | {f"  {kind}": f"{v['count']} x, {_fmt_bytes(v['bytes'])}"
+       for kind, v in sorted(s["communication"]["by_kind"].items())}
+
+
+def _fmt_bytes(n: int) -> str:
+  return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -312,8 +305,9 @@ def format_table(result: dict[str, Any]) -> str:
   width = max(len(k) for k in cols[0][1]) + 2
   header = "".join(f"{name:>24}" for name, _ in cols) + ("   ratio" if ratios else "")
   lines.append(" " * width + header)
-  for row in cols[0][1]:
-    cells = "".join(f"{col[row]:>24}" for _, col in cols)
+  rows = list(dict.fromkeys(row for _, col in cols for row in col))
+  for row in rows:
+    cells = "".join(f"{col.get(row, '-'):>24}" for _, col in cols)
     extra = f"   {ratio_col.get(row, '')}" if ratios else ""
     lines.append(f"{row:<{width}}{cells}{extra}".rstrip())
   pipe = result.get("pipeline")

@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from ml_collections import config_flags
 
+from mixskd_jax.train import layout
 from mixskd_jax.train.loop import train_and_evaluate
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
@@ -51,12 +52,34 @@ def test_cifar_recipe_is_the_papers():
 
 
 def test_imagenet_recipe_is_the_official_run():
-  c = load("imagenet_resnet50_mixskd.py")
+  """On the official 8 GPUs: 128 clean images, 16 per device, each device its own mix group,
+  lam and BatchNorm group (DDP without SyncBN), lr 0.1."""
+  c = layout.resolve(load("imagenet_resnet50_mixskd.py"), num_devices=8)
   assert (c.model.name, c.data.name, c.batch_size, c.num_epochs) == (
       "imagenet_resnet50", "imagenet2012", 128, 305)
-  assert (c.objective.alpha, c.objective.mix_shards, c.objective.variant) == (0.2, 8, "full")
+  assert (c.objective.alpha, c.objective.variant, c.objective.lam_per_group) == (
+      0.2, "full", True)
+  assert (c.objective.mix_groups, c.model.batchnorm_groups) == (8, 8)
   o = c.optimizer
-  assert (o.nesterov, o.weight_decay, o.warmup_epochs, o.schedule) == (False, 1e-4, 5, "cosine")
+  assert (o.learning_rate, o.nesterov, o.weight_decay, o.warmup_epochs, o.schedule) == (
+      0.1, False, 1e-4, 5, "cosine")
+
+
+@pytest.mark.parametrize("devices", [1, 8, 16, 64])
+def test_recipes_resolve_on_any_slice(devices):
+  """ImageNet keeps 16 per device (lr scaled linearly from 0.1 at 128); CIFAR keeps the
+  reference's global 64 with one BatchNorm group, pairs per device while a device holds >= 8
+  images; eval batches become multiples of the devices."""
+  imagenet = layout.resolve(load("imagenet_resnet50_mixskd.py"), num_devices=devices)
+  assert imagenet.batch_size == 16 * devices
+  assert imagenet.optimizer.learning_rate == pytest.approx(0.1 * 16 * devices / 128)
+  assert imagenet.objective.mix_groups == imagenet.model.batchnorm_groups == devices
+  assert imagenet.eval_batch_size % devices == 0 and imagenet.eval_batch_size >= 1000
+  cifar = layout.resolve(load("cifar100_resnet18_mixskd.py"), num_devices=devices)
+  assert (cifar.batch_size, cifar.optimizer.learning_rate, cifar.model.batchnorm_groups) == (
+      64, 0.1, 1)
+  assert cifar.objective.mix_groups == min(devices, 8)
+  assert cifar.eval_batch_size % devices == 0 and cifar.eval_batch_size >= 500
 
 
 def test_config_arguments_are_checked():
