@@ -37,8 +37,9 @@ def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
 
   Args:
     config: reads `seed`, `batch_size` (global) and `data.*`.
-    start_step: the global step of the first batch (resume); in-memory datasets jump straight
-      to epoch start_step // steps_per_epoch, batch start_step % steps_per_epoch.
+    start_step: the global step of the first batch (resume): every dataset jumps straight to
+      epoch start_step // steps_per_epoch, batch start_step % steps_per_epoch (streamed ones
+      read and skip that epoch's earlier records).
     process_index, process_count: this process and how many there are.
 
   Yields:
@@ -79,7 +80,8 @@ def eval_iterator(config: ml_collections.ConfigDict, *, process_index: int = 0,
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
   """Global steps per epoch: training examples (after subset and cap) // config.batch_size.
 
-  For streamed datasets this is the same count, but their epochs are not step-aligned.
+  Streamed datasets use it as their epoch too: each process keeps steps x L records of its
+  share of the split per epoch, so resuming skips at most one epoch.
   """
   return batching.train_steps_per_epoch(sources.num_train_examples(config.data), config)
 
