@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mixskd_jax.data import sources
+from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE
 from tests.training_configs import tiny_config
 
 RUNNER = os.path.join(os.path.dirname(__file__), "train_runner.py")
@@ -92,10 +93,11 @@ def test_sigkill_then_same_command_ends_exactly_like_an_uninterrupted_run(tmp_pa
 
 
 def test_sigterm_saves_its_step_and_exits_cleanly(tmp_path, uninterrupted):
+  """SIGTERM: a checkpoint at the step it stopped, and the documented "rerun me" status."""
   code, stderr = interrupt(tmp_path / "run", 2, LONG, signal.SIGTERM, after_checkpoint=4)
-  assert code == 0, stderr[-3000:]
+  assert code == PREEMPTED_EXIT_CODE, stderr[-3000:]
   saved = max(checkpoint_steps(tmp_path / "run"))
-  assert f"Preempted at step {saved}" in stderr and saved < 40
+  assert f"Preempted at step {saved}: checkpoint saved" in stderr and saved < 40
   proc = run(tmp_path / "run", 2, LONG, dump=tmp_path / "resumed.npz")
   assert json.loads(proc.stdout.split("RESULTS", 1)[1])["steps_this_run"] == 40 - saved
   assert_same_params(load(tmp_path / "resumed.npz"), uninterrupted)
@@ -104,7 +106,7 @@ def test_sigterm_saves_its_step_and_exits_cleanly(tmp_path, uninterrupted):
 def test_resume_on_another_device_count(tmp_path):
   """8 steps on 2 devices, then the same workdir on 4 devices for one more step, equals 9
   steps on 2 devices up to float32 rounding (pairs stay in 2 shards in both)."""
-  common = {"num_epochs": 10, "objective.mix_shards": 2}
+  common = {"num_epochs": 10, "objective.mix_groups": 2}
   run(tmp_path / "run", 2, {**common, "num_train_steps": 8})
   proc = run(tmp_path / "run", 4, {**common, "num_train_steps": 9}, dump=tmp_path / "moved.npz")
   results = json.loads(proc.stdout.split("RESULTS", 1)[1])

@@ -1,5 +1,8 @@
 """Runs one training in a fresh process, for tests that need their own device count, several
-processes (multi-host) or to kill a run: python tests/train_runner.py --help."""
+processes (multi-host) or to kill a run: python tests/train_runner.py --help.
+
+Prints `RESULTS <json>` and exits like `mixskd_jax.main`: 0, or PREEMPTED_EXIT_CODE (75) when
+SIGTERM stopped the run early after saving its checkpoint."""
 
 import argparse
 import json
@@ -24,6 +27,7 @@ def main():
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from mixskd_jax.train.loop import Trainer  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE  # pylint: disable=import-outside-toplevel
   from tests.training_configs import tiny_config  # pylint: disable=import-outside-toplevel
 
   config = tiny_config(json.loads(args.overrides))
@@ -33,7 +37,8 @@ def main():
     leaves = jax.tree_util.tree_leaves_with_path(trainer.state.params)
     np.savez(args.dump, **{jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
                            for path, leaf in leaves})
-  print("RESULTS", json.dumps({k: v for k, v in results.items() if k != "history"}))
+  print("RESULTS", json.dumps({k: v for k, v in results.items() if k != "history"}), flush=True)
+  sys.exit(PREEMPTED_EXIT_CODE if results["preempted"] else 0)
 
 
 if __name__ == "__main__":

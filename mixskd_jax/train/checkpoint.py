@@ -1,20 +1,23 @@
-"""Orbax checkpoints in `<workdir>/checkpoints`: periodic, final, on preemption; resume from the
-latest onto whatever devices the current run has."""
+"""Orbax checkpoints in `<workdir>/checkpoints` (local or `gs://`): periodic, final, on
+preemption; resume from the latest onto whatever devices the current run has."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from mixskd_jax.train import workdir as workdir_lib
 
 
 class Checkpoints:
   """A thin owner of an `ocp.CheckpointManager` for one train state pytree."""
 
-  def __init__(self, workdir: str, *, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  def __init__(self, workdir: epath.PathLike, *, keep: int):
+    # An epath.Path, not a string through os.path: that would mangle gs://.
+    self.directory = workdir_lib.resolve(workdir) / "checkpoints"
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
@@ -31,14 +34,16 @@ class Checkpoints:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     return self.manager.restore(step, args=ocp.args.StandardRestore(target))
 
-  def save(self, step: int, state: Any) -> None:
-    """Saves (atomically; the previous checkpoints stay until this one is complete)."""
-    if step in (self.manager.all_steps() or []):
-      return
-    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  def save(self, step: int, state: Any) -> bool:
+    """Saves (atomically; the previous checkpoints stay until this one is complete).
 
-  def reached_preemption(self, step: int) -> bool:
-    return self.manager.reached_preemption(step)
+    Returns:
+      Whether a checkpoint of `step` is kept: False with `keep_checkpoints=0`, where Orbax
+      saves and deletes at once.
+    """
+    if step not in (self.manager.all_steps() or []):
+      self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    return step in (self.manager.all_steps() or [])
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -28,6 +28,9 @@ def maybe_initialize(dist: ml_collections.ConfigDict) -> bool:
   auto-detected by JAX. `cpu_collectives` (e.g. "gloo") enables cross-process collectives
   for CPU devices.
 
+  `jax.distributed.initialize` also starts JAX's preemption sync manager, whose C++ handler
+  owns SIGTERM from then on: `train/preemption.py` relies on it and installs no Python one.
+
   Returns:
     Whether this call initialized the distributed runtime.
   """
