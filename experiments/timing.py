@@ -30,7 +30,7 @@ def time_method(config, *, steps: int, warmup: int) -> dict[str, float]:
 
   with tempfile.TemporaryDirectory() as workdir:
     trainer = Trainer(config, workdir)
-    batches = data.train_iterator(config)
+    batches = data.train_iterator(trainer.config)  # resolved for the devices
     batch_sharding = sharding.data_sharding(trainer.mesh)
     state, times = trainer.state, []
     for i in range(warmup + steps):
@@ -41,7 +41,7 @@ def time_method(config, *, steps: int, warmup: int) -> dict[str, float]:
       if i >= warmup:
         times.append(time.perf_counter() - t0)
   return {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
-          "max_s": float(np.max(times)), "steps": steps, "batch_size": config.batch_size}
+          "max_s": float(np.max(times)), "steps": steps, "batch_size": trainer.config.batch_size}
 
 
 def time_methods(runs: Sequence[protocol.Run], workdir: str, *, steps: int, warmup: int,

@@ -25,6 +25,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.conv_input_barrier = True       # CPU only (measured there); off on GPU/TPU
   c.model.cpu_convolutions = "auto"      # auto | eigen | xla_default: XLA:CPU's conv library
   c.model.remat_branches = False         # recompute the auxiliary branches in the backward pass
+  # BatchNorm statistics in train mode over each of this many contiguous row groups of the
+  # batch: 1 = the whole global batch (SyncBN, as the single-GPU CIFAR reference); -1 = one per
+  # mix group, i.e. per device by default (the official 8-GPU ImageNet run, DDP without
+  # SyncBN). Must divide objective.mix_groups (mixskd_jax/train/layout.py).
+  c.model.batchnorm_groups = 1
+  c.model.batchnorm_running_stats = "mean_of_groups"  # or "first_group" (what DDP saves)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "cifar100"               # fashion_mnist, cifar10, cifar100, imagenet2012
@@ -35,12 +41,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_examples_per_class = ml_collections.config_dict.placeholder(int)  # balanced subset
   c.data.train_examples = ml_collections.config_dict.placeholder(int)  # cap, for smoke runs
   c.data.test_examples = ml_collections.config_dict.placeholder(int)   # cap, for smoke runs
-  c.data.prefetch = 2
+  c.data.prefetch = 2                    # host batches tf.data keeps ready
+  c.data.device_prefetch = 2             # global batches already sent to the devices; 0: none
+  # Streamed datasets (imagenet2012): examples each epoch's shuffle buffer holds (memory:
+  # this many encoded JPEGs, twice while the next epoch is started ahead).
+  c.data.shuffle_buffer = 10_000
   c.data.example_ids = False             # batches carry 'example_id' (ps_kd needs it)
   c.data.class_pairs = False             # batches carry a same-class 'pair_image' (cs_kd)
 
-  c.batch_size = 64                      # global clean batch (the network sees 2x with mixup)
-  c.eval_batch_size = 500                # global; the last batch is padded and masked
+  c.batch_size = 64                      # global clean batch (the network sees 2x with mixup);
+                                         # -1: per_device_batch_size x devices
+  c.per_device_batch_size = ml_collections.config_dict.placeholder(int)
+  c.eval_batch_size = 500                # global, rounded up to a multiple of the devices;
+                                         # the last batch is padded and masked
   c.num_epochs = 205
   c.num_train_steps = -1                 # > 0 overrides num_epochs (smoke runs)
 
@@ -52,7 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.weights.mixup_ce = ml_collections.config_dict.placeholder(float)  # None: variant
   c.objective.weights.self_teacher_ce = ml_collections.config_dict.placeholder(float)
   c.objective.gradient_reversal_scale = 1.0
-  c.objective.mix_shards = -1            # pairs stay in each of this many shards; -1: #devices
+  # Pairs (and the [clean; mixed] rows) stay within each of this many contiguous groups of the
+  # batch; -1: one per device, merged while a group would hold < min_mix_group_size examples.
+  c.objective.mix_groups = -1
+  c.objective.min_mix_group_size = 8
+  c.objective.lam_per_group = False      # one lam per mix group (the 8-GPU ImageNet run)
 
   # The baselines' hyperparameters (spec §7: Self-KD-Lib's values).
   c.baselines = ml_collections.ConfigDict()
@@ -67,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 0.1
+  # When set, learning_rate is the rate for this global batch, scaled linearly to the actual
+  # one (layout.py); None: learning_rate as given.
+  c.optimizer.lr_reference_batch = ml_collections.config_dict.placeholder(int)
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = True
   c.optimizer.weight_decay = 5e-4        # coupled L2, as PyTorch SGD
@@ -106,6 +126,7 @@ def finalize(config: ml_collections.ConfigDict, arg: str = "") -> ml_collections
     elif token == "smoke":
       config.num_train_steps = 4
       config.batch_size = 8
+      config.per_device_batch_size = None
       config.eval_batch_size = 16
       config.data.train_examples = 64
       config.data.test_examples = 40

@@ -77,12 +77,6 @@ def test_eight_devices_equal_one_exactly_in_float64():
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_indivisible_batch_is_a_clear_error():
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  with pytest.raises(ValueError, match="config.batch_size=12 does not split evenly over 8"):
-    sharding.check_divisible(12, mesh, "batch_size")
-
-
 def test_grouped_step_equals_independent_devices_in_float64():
   """DDP without SyncBN (the official ImageNet run): 8 devices, each with its own mix group,
   lam and BatchNorm group. The sharded step's loss, new parameters, optimizer state and running

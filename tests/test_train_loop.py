@@ -88,8 +88,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     ({"model.name": "resnet9000"}, "Unknown model 'resnet9000'"),
     ({"data.name": "svhn"}, "config.data.name"),
-    ({"batch_size": 12}, "config.batch_size=12 does not split evenly over 8 devices"),
-    ({"eval_batch_size": 20}, "config.eval_batch_size=20"),
+    ({"batch_size": 12}, "config.batch_size: 12 does not split evenly over 8 devices"),
+    ({"eval_batch_size": 0}, "config.eval_batch_size: 0 must be positive"),
+    ({"model.batchnorm_groups": 3}, "config.model.batchnorm_groups: 3"),
     ({"objective.variant": "paper"}, "variant='paper'"),
     ({"optimizer.schedule": "linear"}, "config.optimizer.schedule"),
     ({"model.dtype": "float8"}, "config.model.dtype"),

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import math
-import os
-import signal
 import time
 from typing import Any
 
@@ -19,40 +15,18 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from mixskd_jax import data
-from mixskd_jax.models import compiler_options
-from mixskd_jax.models.registry import build_model_from_config
-from mixskd_jax.train import distributed, sharding, steps
+from mixskd_jax.train import builder, distributed, layout, sharding, steps
+from mixskd_jax.train import workdir as workdir_lib
 from mixskd_jax.train.checkpoint import Checkpoints
-from mixskd_jax.train.methods import build_method, check_config as check_method_config
-from mixskd_jax.train.optimizer import build_optimizer
+from mixskd_jax.train.data_prep import prepare_data
+from mixskd_jax.train.device_prefetch import prefetch_to_device
+from mixskd_jax.train.methods import check_config as check_method_config
+from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE, Preemption
 from mixskd_jax.train.state import TrainState
 
 HISTORY_FILE = "eval_history.jsonl"
 TRAIN_HISTORY_FILE = "train_history.jsonl"  # the logged means of the train metrics
 RESULTS_FILE = "results.json"
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so the run saves before it exits."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. some notebook kernels): no handler
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _check_finite(buffer: list[dict], first_step: int) -> None:
@@ -97,65 +71,39 @@ class _StepTimer:
     return (time.perf_counter() - self._t0 - self._excluded) / steps
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 class Trainer:
   """Everything a run is built from; `run()` trains, evaluates and writes results."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     distributed.maybe_initialize(config.distributed)
     check_method_config(config)  # before any data is loaded
+    self.mesh = sharding.make_mesh()
+    # Batch sizes, mix and BatchNorm groups and the learning rate for these devices.
+    config = layout.resolve(config, self.mesh.size)
     self.config, self.workdir = config, workdir
     self.is_chief = jax.process_index() == 0
+    prepare_data(config.data)  # process 0 downloads or builds it first, the others wait
     self.info = data.get_dataset_info(config.data)
-    self.mesh = sharding.make_mesh()
-    sharding.check_divisible(config.batch_size, self.mesh, "batch_size")
-    sharding.check_divisible(config.eval_batch_size, self.mesh, "eval_batch_size")
     self.steps_per_epoch = data.steps_per_epoch(config)
     self.num_steps = (config.num_train_steps if config.num_train_steps > 0
                       else config.num_epochs * self.steps_per_epoch)
-    self.model = build_model_from_config(config.model, self.info.num_classes)
-    shards = config.objective.mix_shards if config.objective.mix_shards > 0 else self.mesh.size
     # The schedule spans whole epochs even when num_train_steps ends mid-epoch.
     self.num_epochs = max(config.num_epochs, math.ceil(self.num_steps / self.steps_per_epoch))
-    self.method = build_method(config, num_shards=shards, steps_per_epoch=self.steps_per_epoch,
-                               num_epochs=self.num_epochs)
+    built = builder.build_steps(
+        config, self.mesh, builder.DataShape(
+            num_classes=self.info.num_classes, image_shape=self.info.image_shape,
+            mean=self.info.mean, std=self.info.std, num_examples=self.info.num_train),
+        steps_per_epoch=self.steps_per_epoch, num_epochs=self.num_epochs)
+    self.model, self.method, self.tx, self.schedule = (built.model, built.method, built.tx,
+                                                       built.schedule)
+    self.train_step, self.eval_step = built.train_step, built.eval_step
     self.root_key, init_key = jax.random.split(jax.random.key(config.seed))
-    self.state, self.tx, self.schedule = self._init_state(init_key)
-    # Filled by run(): the measured step time and the latest evaluation's reliability bins.
+    self.state = built.init_state(init_key)
+    # Filled by run(): the measured step time, the latest evaluation's reliability bins and
+    # the run's eval and train histories.
     self.train_step_time_s = None
     self.last_calibration = None
-    self._compile()
-
-  def _init_state(self, key):
-    repl = sharding.replicated(self.mesh)
-    dummy = jnp.zeros((1,) + tuple(self.info.image_shape), jnp.float32)
-    variables = jax.jit(self.model.init, out_shardings=repl)(key, dummy)
-    tx, schedule = build_optimizer(self.config, steps_per_epoch=self.steps_per_epoch,
-                                   num_epochs=self.num_epochs,
-                                   partition=self.method.partition(variables["params"]))
-    init_method_state = functools.partial(self.method.init_state, self.info.num_train,
-                                          self.info.num_classes)
-    state = jax.jit(lambda v: TrainState.create(v, tx, init_method_state()),
-                    out_shardings=repl)(variables)
-    return state, tx, schedule
-
-  def _compile(self):
-    repl, batch = sharding.replicated(self.mesh), sharding.data_sharding(self.mesh)
-    common = dict(model=self.model, mean=self.info.mean, std=self.info.std)
-    self.train_step = jax.jit(
-        functools.partial(steps.train_step, method=self.method, tx=self.tx,
-                          schedule=self.schedule, **common),
-        in_shardings=(repl, batch, repl), out_shardings=(repl, repl), donate_argnums=(0,),
-        compiler_options=compiler_options(self.config.model) or None)
-    self.eval_step = jax.jit(functools.partial(
-        steps.eval_step, calibration_bins=self.config.eval_calibration_bins, **common),
-                             in_shardings=(repl, batch), out_shardings=repl)
+    self._histories: dict[str, workdir_lib.JsonlHistory] = {}
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
     """Every test example exactly once (the last batch padded and masked)."""
@@ -173,44 +121,54 @@ class Trainer:
     return steps.summarize_eval(totals)
 
   def run(self) -> dict[str, Any]:
-    os.makedirs(self.workdir, exist_ok=True)
-    checkpoints = Checkpoints(self.workdir, keep=self.config.keep_checkpoints)
+    # Every file of the run goes through epath, so gs://bucket/run works like a local path.
+    workdir = workdir_lib.resolve(self.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(workdir, keep=self.config.keep_checkpoints)
     state = checkpoints.restore_or_keep(self.state)
     start = int(jax.device_get(state.step))
-    writer = metric_writers.create_default_writer(self.workdir, just_logging=not self.is_chief)
+    # Every process keeps the records (its results.json is the chief's); the chief writes.
+    self._histories = {name: workdir_lib.JsonlHistory(workdir / name, writer=self.is_chief,
+                                                      resume_step=start)
+                       for name in (HISTORY_FILE, TRAIN_HISTORY_FILE)}
+    # A string: TensorBoard's writer reads gs:// itself, through TensorFlow's file systems.
+    writer = metric_writers.create_default_writer(str(workdir), just_logging=not self.is_chief)
     if self.is_chief:
-      _write_json(os.path.join(self.workdir, "config.json"), self.config.to_dict())
+      workdir_lib.write_json(workdir / "config.json", self.config.to_dict())
     logging.info("Training %s steps (%s per epoch) from step %s on %s device(s), %s process(es).",
                  self.num_steps, self.steps_per_epoch, start, self.mesh.size, jax.process_count())
     t0 = time.time()
     try:
-      state = self._train(state, start, checkpoints, writer)
+      state, preempted = self._train(state, start, checkpoints, writer)
     finally:
       writer.flush()
+      for history in self._histories.values():
+        history.flush()
       checkpoints.close()
     self.state = state  # the final state, for notebooks and tests
-    return self._results(state, time.time() - t0, start)
+    return self._results(state, time.time() - t0, start, workdir, preempted=preempted)
 
   def _train(self, state, start, checkpoints, writer):
     cfg = self.config
-    batches = data.train_iterator(cfg, start_step=start, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-    batch_sharding = sharding.data_sharding(self.mesh)
+    batches = prefetch_to_device(
+        data.train_iterator(cfg, start_step=start, process_index=jax.process_index(),
+                            process_count=jax.process_count()),
+        sharding.data_sharding(self.mesh), cfg.data.device_prefetch)
     progress = periodic_actions.ReportProgress(num_train_steps=self.num_steps, writer=writer,
                                                every_steps=cfg.log_every_steps)
     buffer, buffer_start = [], start
     timer = _StepTimer()
     done = start  # stays so when the checkpoint is already at num_steps
-    with _Preemption() as preemption:
+    preempted = False
+    with Preemption(start) as preemption:
       for step in range(start, self.num_steps):
-        state, metrics = self.train_step(state, sharding.to_global(next(batches), batch_sharding),
-                                         self.root_key)
+        state, metrics = self.train_step(state, next(batches), self.root_key)
         buffer.append(metrics)
         done = step + 1
         if step == start:
           timer.start(state)  # after the first step, which includes compilation
         progress(done)
-        stop = preemption.requested or checkpoints.reached_preemption(done)
+        stop = preemption.should_stop(done)  # the same step in every process
         last = done == self.num_steps
         if done % cfg.log_every_steps == 0 or last or stop or done % cfg.checkpoint_every_steps == 0:
           _check_finite(buffer, buffer_start)
@@ -223,12 +181,21 @@ class Trainer:
             self._record_eval(state, done, writer)
         if done % cfg.checkpoint_every_steps == 0 or last or stop:
           with timer.excluded(state):
-            checkpoints.save(done, state)
-        if stop:
-          logging.warning("Preempted at step %s: checkpoint saved, exiting.", done)
+            kept = checkpoints.save(done, state)
+            for history in self._histories.values():  # a history is as durable as its step
+              history.flush()
+        if stop and not last:  # stopped at the last step, the run is simply finished
+          preempted = True
+          if kept:
+            logging.warning("Preempted at step %s: checkpoint saved; exiting with status %s, "
+                            "the same command resumes.", done, PREEMPTED_EXIT_CODE)
+          else:
+            logging.warning("Preempted at step %s: no checkpoint kept "
+                            "(config.keep_checkpoints=%s); exiting with status %s.", done,
+                            cfg.keep_checkpoints, PREEMPTED_EXIT_CODE)
           break
     self.train_step_time_s = timer.stop(state, steps=done - start - 1)
-    return state
+    return state, preempted
 
   def _record_eval(self, state, step, writer):
     metrics = self.evaluate(state)
@@ -238,18 +205,15 @@ class Trainer:
                                         **metrics})
 
   def _append_history(self, name: str, record: dict) -> None:
-    if self.is_chief:
-      with open(os.path.join(self.workdir, name), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    self._histories[name].append(record)  # written by the chief; see workdir.JsonlHistory
 
-  def _results(self, state, wall_time, start):
+  def _results(self, state, wall_time, start, workdir, *, preempted):
     step = int(jax.device_get(state.step))
-    history = []
-    path = os.path.join(self.workdir, HISTORY_FILE)
-    if os.path.exists(path):
-      with open(path) as f:
-        history = [json.loads(line) for line in f if line.strip()]
+    history = self._histories[HISTORY_FILE].records
     results = {"step": step, "finished": step >= self.num_steps, "history": history,
+               # Stopped by SIGTERM before the end, its step checkpointed: rerun to continue
+               # (main.py exits with PREEMPTED_EXIT_CODE).
+               "preempted": preempted,
                "wall_time_s": wall_time, "steps_this_run": step - start,
                "devices": self.mesh.size, "processes": jax.process_count(),
                "dataset": self.config.data.name, "model": self.config.model.name,
@@ -266,7 +230,7 @@ class Trainer:
           best_max_over_heads_reference_protocol=max(
               h["eval/top1_max_over_heads_reference_protocol"] for h in history))
     if self.is_chief:
-      _write_json(os.path.join(self.workdir, RESULTS_FILE), results)
+      workdir_lib.write_json(workdir / RESULTS_FILE, results)
     return results
 
 

@@ -28,14 +28,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_divisible(batch_size: int, mesh: Mesh, field: str) -> None:
-  """A global batch must split evenly over the devices (and so over the processes)."""
-  if batch_size % mesh.size:
-    raise ValueError(
-        f"config.{field}={batch_size} does not split evenly over {mesh.size} devices "
-        f"({jax.process_count()} process(es)); use a multiple of {mesh.size}.")
-
-
 def to_global(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, Any]:
   """This process's slice of a batch -> global arrays sharded along 'data'."""
   return {k: jax.make_array_from_process_local_data(sharding, v)
