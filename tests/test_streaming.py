@@ -7,7 +7,6 @@ TFRecord shards), because `tfds.testing.mock_data` ignores splits and file shuff
 
 import collections
 
-import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -18,6 +17,7 @@ from mixskd_jax.data import sources
 from mixskd_jax.data import streaming
 from mixskd_jax.data.tf_setup import hide_accelerators_from_tf
 from tests import fake_imagenet
+from tests.test_data import assert_batches_equal, take
 
 hide_accelerators_from_tf()
 
@@ -37,17 +37,6 @@ def make_config(data_dir=None, batch_size=BATCH, augment=True, shuffle_buffer=8)
   c.data.shuffle_buffer = shuffle_buffer
   c.batch_size = batch_size
   return c
-
-
-def take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    for k in ("image", "label"):
-      np.testing.assert_array_equal(x[k], y[k])
 
 
 def keys(batches):
