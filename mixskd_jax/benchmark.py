@@ -205,6 +205,9 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
       (`measure_pipeline`), for datasets this machine does not have.
     label: a name for the table's title, e.g. the config's path.
   """
+  # Resolved once for these devices (idempotent: measure_step resolves again), so the pipeline
+  # reads the same global batch the step runs.
+  config = layout.resolve(config, jax.device_count())
   info = _device_info()
   on_cpu = info["platform"] == "cpu"
   probe = matmul_probe(probe_size or (2048 if on_cpu else 8192), iterations=1 if on_cpu else 20)
@@ -223,7 +226,6 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
                        "remat_branches": config.model.remat_branches}}
   timing = dict(steps=steps, warmup=warmup, peak_flops_per_s=peak["gflops"] * 1e9)
   result["step"] = measure_step(config, **timing)
-  result["config"]["batch_size"] = result["step"]["batch_size"]  # resolved for the devices
   if not skip_ce and result["step"]["method"] != "cross_entropy":
     result["ce_step"] = measure_step(recipes.with_method(config, "cross_entropy"), **timing)
     result["ratios"] = _ratios(result["step"], result["ce_step"])

@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   # batch; -1: one per device, merged while a group would hold < min_mix_group_size examples.
   c.objective.mix_groups = -1
   c.objective.min_mix_group_size = 8
-  c.objective.lam_per_group = False      # one lam per mix group (the 8-GPU ImageNet run)
+  c.objective.lam_per_group = False      # mixskd: one lam per mix group (the 8-GPU ImageNet run)
 
   # The baselines' hyperparameters (spec §7: Self-KD-Lib's values).
   c.baselines = ml_collections.ConfigDict()
