@@ -94,8 +94,7 @@ class Trainer:
             num_classes=self.info.num_classes, image_shape=self.info.image_shape,
             mean=self.info.mean, std=self.info.std, num_examples=self.info.num_train),
         steps_per_epoch=self.steps_per_epoch, num_epochs=self.num_epochs)
-    self.model, self.method, self.tx, self.schedule = (built.model, built.method, built.tx,
-                                                       built.schedule)
+    self.built = built  # model, method, optimizer, schedule and the jitted steps
     self.train_step, self.eval_step = built.train_step, built.eval_step
     self.root_key, init_key = jax.random.split(jax.random.key(config.seed))
     self.state = built.init_state(init_key)
@@ -217,7 +216,7 @@ class Trainer:
                "wall_time_s": wall_time, "steps_this_run": step - start,
                "devices": self.mesh.size, "processes": jax.process_count(),
                "dataset": self.config.data.name, "model": self.config.model.name,
-               "method": self.method.name, "variant": self.config.objective.variant,
+               "method": self.built.method.name, "variant": self.config.objective.variant,
                # Wall time per training step after the first (compiling) one, evaluations and
                # checkpoints excluded, input pipeline included; None if too few steps ran.
                "train_step_time_s": self.train_step_time_s,

@@ -1,7 +1,9 @@
 """Training methods: what one step computes from a clean batch, for the trainer to differentiate.
 
 A method turns (model, variables, StepInputs) into
-`(loss, (terms, outputs, new_batch_stats, new_method_state))` and says which parameters it
+`(loss, (terms, outputs, new_batch_stats, new_method_state))`, where `outputs.logits` hold
+each head's logits of the B clean rows (what the step's train accuracy reads; MixSKD's
+network also sees the mixed rows and drops them here), and says which parameters it
 trains and what per-run state it keeps (PS-KD's table of predictions). MixSKD and the
 baselines it is compared with (spec §7) all share the model, data and optimizer; only this
 function differs. `config.method` picks one of METHODS.
