@@ -62,8 +62,27 @@ def sample_lambda(key: jax.Array, alpha: float) -> jax.Array:
   return jax.random.beta(key, alpha, alpha, dtype=jnp.float32)
 
 
+def masked_permutation(key: jax.Array, where: jax.Array) -> jax.Array:
+  """A random permutation that pairs real rows among themselves and keeps padded rows put.
+
+  Args:
+    key: PRNG key.
+    where: (n,) bool, True for real rows.
+
+  Returns:
+    (n,) int32 `perm` with `where[perm[i]] == where[i]`; `perm[i] == i` for padded rows.
+  """
+  n = where.shape[0]
+  noise = jax.random.uniform(key, (n,))
+  # Real rows in random order, then padded rows in index order ...
+  sources = jnp.argsort(jnp.where(where, noise, 2.0 + jnp.arange(n) / n))
+  # ... given to the real positions in index order, then to the padded ones.
+  targets = jnp.argsort(jnp.logical_not(where).astype(jnp.int32), stable=True)
+  return jnp.zeros(n, jnp.int32).at[targets].set(sources.astype(jnp.int32))
+
+
 def sample_mix(key: jax.Array, batch_size: int, alpha: float, num_groups: int = 1, *,
-               lam_per_group: bool = False) -> MixParams:
+               lam_per_group: bool = False, where: jax.Array | None = None) -> MixParams:
   """Draws `lam` and a permutation (global if num_groups == 1).
 
   Args:
@@ -73,6 +92,8 @@ def sample_mix(key: jax.Array, batch_size: int, alpha: float, num_groups: int = 
     num_groups: G; with G > 1 each of G contiguous blocks of B // G examples is permuted
       within itself and `perm` has shape (G, B // G).
     lam_per_group: draw one lam per group, shape (G,), instead of one for the batch.
+    where: optional (B,) bool, True for real rows of a padded batch: real rows are paired
+      only with real rows (within their group) and padded rows with themselves.
 
   Returns:
     MixParams.
@@ -87,7 +108,14 @@ def sample_mix(key: jax.Array, batch_size: int, alpha: float, num_groups: int = 
     lam = jax.vmap(lambda k: sample_lambda(k, alpha))(jax.random.split(lam_key, num_groups))
   else:
     lam = sample_lambda(lam_key, alpha)
-  if num_groups == 1:
+  if where is not None:
+    if where.shape != (batch_size,):
+      raise ValueError(f"where must be one bool per example, shape ({batch_size},); got "
+                       f"{where.shape}.")
+    keys = jax.random.split(perm_key, num_groups)
+    perm = jax.vmap(masked_permutation)(keys, where.reshape(num_groups, -1))
+    perm = perm[0] if num_groups == 1 else perm
+  elif num_groups == 1:
     perm = jax.random.permutation(perm_key, batch_size)
   else:
     keys = jax.random.split(perm_key, num_groups)

@@ -23,15 +23,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mixskd_jax import losses, mixing
+from mixskd_jax import losses, mixing, pooling as pooling_lib, trainable
 from mixskd_jax.mixing import MixParams
-from mixskd_jax.models.layers import global_avg_pool
 from mixskd_jax.models.outputs import ModelOutputs
 
 VARIANTS = ("reference_cifar", "full", "adversarial")
 TERMS = ("clean_ce", "mixup_ce", "self_teacher_ce", "kl_self_teacher", "kl_branches",
          "feature_mse", "discriminator")
-TRAINABLE, FROZEN = "trainable", "frozen"
+TRAINABLE, FROZEN = trainable.TRAINABLE, trainable.FROZEN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,42 +104,23 @@ def _reversal_bwd(scale, _, g):
 gradient_reversal.defvjp(_reversal_fwd, _reversal_bwd)
 
 
-def mixskd_loss(
-    outputs: ModelOutputs,
-    labels: jax.Array,
-    mix: MixParams,
-    *,
-    self_teacher: Callable[[Sequence[jax.Array]], jax.Array],
-    discriminators: Callable[[Sequence[jax.Array]], Sequence[jax.Array]],
-    config: ObjectiveConfig,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The MixSKD objective of one step.
-
-  Args:
-    outputs: the model's outputs on the 2B images `mixing.stack_views(clean, mixed,
-      mix.num_groups)` (with one mix group: `[clean; mixed]`): H heads of logits (2B, C) and
-      final feature maps (2B, h, w, c), ordered branch 1 .. branch H-1, main.
-    labels: (B,) integer labels of the clean images.
-    mix: the `lam` and permutation that made the mixed half from the clean half; with G mix
-      groups every group's rows stay together, so nothing crosses devices when the groups
-      lie on them.
-    self_teacher: maps the H feature maps of one view (B, h, w, c) to logits (B, C).
-    discriminators: maps H pooled feature arrays (2B, c) to H logit arrays (2B, 2).
-    config: variant, temperature and weights.
-
-  Returns:
-    (loss, terms): the weighted scalar loss and every term by name (unweighted, float32),
-    plus `loss` itself.
-  """
-  batch = labels.shape[0]
-  num_heads = outputs.num_heads
-  if len(outputs.features) != num_heads:
-    raise ValueError(f"outputs has {num_heads} logits but {len(outputs.features)} feature maps; "
-                     "MixSKD needs one final feature map per head.")
+def _check_outputs(outputs: ModelOutputs, batch: int) -> None:
+  if len(outputs.features) != outputs.num_heads:
+    raise ValueError(f"outputs has {outputs.num_heads} logits but {len(outputs.features)} "
+                     "feature maps; MixSKD needs one final feature map per head.")
   for z in outputs.logits:
     if z.shape[0] != 2 * batch:
       raise ValueError(f"outputs must cover 2B = {2 * batch} images [clean; mixed] for {batch} "
                        f"labels, got logits of shape {z.shape}.")
+
+
+def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
+                    self_teacher: Callable, discriminators: Callable, config: ObjectiveConfig,
+                    pooling: str) -> dict[str, list[jax.Array]]:
+  """Every term as a list of per-example (B,) arrays, one per head; a head pair's two
+  directions of a mutual KL stay a tuple, so its batch means add in the reference's order."""
+  _check_outputs(outputs, labels.shape[0])
+  num_heads = outputs.num_heads
   groups = mix.num_groups
   clean_logits, mixup_logits = zip(*(mixing.split_views(losses.upcast(z), groups)
                                      for z in outputs.logits))
@@ -149,8 +129,8 @@ def mixskd_loss(
   interp_logits, interp_feats = mixing.mix((clean_logits, clean_feats), mix)
   labels_b = mixing.permute(labels, mix.perm)
   lam = mix.example_lam()
-  mix_ce = lambda z: jnp.mean(losses.mixup_cross_entropy(z, labels, labels_b, lam))
-  kl = lambda s, t: jnp.mean(losses.temperature_kl(s, t, config.temperature))
+  mix_ce = lambda z: losses.mixup_cross_entropy(z, labels, labels_b, lam)
+  kl = lambda s, t: losses.temperature_kl(s, t, config.temperature)
 
   # t_hat (from the interpolated features) and t_tilde (from the mixup ones) in one call:
   # the self-teacher works row by row, and one call gives its parameters one gradient to
@@ -159,28 +139,84 @@ def mixskd_loss(
       [mixing.stack_views(i, m, groups) for i, m in zip(interp_feats, mixup_feats)])), groups)
 
   # Laid out like the network's rows, so each group's pooled features stay on its device.
-  pooled = [mixing.stack_views(global_avg_pool(i), global_avg_pool(m), groups)
+  pool = lambda f: pooling_lib.pool(f, pooling)
+  pooled = [mixing.stack_views(pool(i), pool(m), groups)
             for i, m in zip(interp_feats, mixup_feats)]
   if config.trains_discriminators:
     pooled = [gradient_reversal(p, config.gradient_reversal_scale) for p in pooled]
   disc_logits = discriminators(pooled)
 
-  terms = {
-      "clean_ce": sum(jnp.mean(losses.cross_entropy(c, labels)) for c in clean_logits),
-      "mixup_ce": sum(mix_ce(m) for m in mixup_logits),
-      "self_teacher_ce": mix_ce(teacher_interp) + mix_ce(teacher_mixup),
+  return {
+      "clean_ce": [losses.cross_entropy(c, labels) for c in clean_logits],
+      "mixup_ce": [mix_ce(m) for m in mixup_logits],
+      "self_teacher_ce": [mix_ce(teacher_interp), mix_ce(teacher_mixup)],
       # The main head learns across views from the self-teacher ...
-      "kl_self_teacher": (kl(interp_logits[-1], teacher_mixup)
-                          + kl(mixup_logits[-1], teacher_interp)),
+      "kl_self_teacher": [kl(interp_logits[-1], teacher_mixup),
+                          kl(mixup_logits[-1], teacher_interp)],
       # ... the branch heads distil mutually between the two views.
-      "kl_branches": sum((kl(interp_logits[k], mixup_logits[k])
-                          + kl(mixup_logits[k], interp_logits[k])
-                          for k in range(num_heads - 1)), jnp.zeros((), jnp.float32)),
-      "feature_mse": sum(jnp.mean(losses.feature_mse(i, m))
-                         for i, m in zip(interp_feats, mixup_feats)),
-      "discriminator": sum(jnp.mean(losses.discriminator_bce(*mixing.split_views(d, groups)))
-                           for d in disc_logits),
+      "kl_branches": [(kl(interp_logits[k], mixup_logits[k]),
+                       kl(mixup_logits[k], interp_logits[k])) for k in range(num_heads - 1)],
+      "feature_mse": [losses.feature_mse(i, m) for i, m in zip(interp_feats, mixup_feats)],
+      "discriminator": [losses.discriminator_bce(*mixing.split_views(d, groups))
+                        for d in disc_logits],
   }
+
+
+def _batch_mean(values: jax.Array, where: jax.Array | None, axis_name: Any) -> jax.Array:
+  """Mean over the real rows of the batch, across devices when `axis_name` is given."""
+  if where is None and axis_name is None:
+    return jnp.mean(values)
+  weight = (jnp.ones(values.shape, jnp.float32) if where is None
+            else jnp.asarray(where, jnp.float32))
+  total, count = jnp.sum(values * weight), jnp.sum(weight)
+  if axis_name is not None:
+    total, count = jax.lax.psum((total, count), axis_name)
+  # No real row at all (a fully padded batch): every term is 0, not NaN.
+  return total / jnp.maximum(count, 1.0)
+
+
+def mixskd_loss(
+    outputs: ModelOutputs,
+    labels: jax.Array,
+    mix: MixParams,
+    *,
+    self_teacher: Callable[[Sequence[jax.Array]], jax.Array],
+    discriminators: Callable[[Sequence[jax.Array]], Sequence[jax.Array]],
+    config: ObjectiveConfig,
+    pooling: str = "spatial_mean",
+    where: jax.Array | None = None,
+    axis_name: Any = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The MixSKD objective of one step.
+
+  Args:
+    outputs: the model's outputs on the 2B images `mixing.stack_views(clean, mixed,
+      mix.num_groups)` (with one mix group: `[clean; mixed]`): H heads of logits (2B, C) and
+      final features (2B, h, w, c) or (2B, L, d), ordered branch 1 .. branch H-1, main.
+    labels: (B,) integer labels of the clean images.
+    mix: the `lam` and permutation that made the mixed half from the clean half; with G mix
+      groups every group's rows stay together, so nothing crosses devices when the groups
+      lie on them.
+    self_teacher: maps the H final features of one view to logits (B, C).
+    discriminators: maps H pooled feature arrays (2B, c) to H logit arrays (2B, 2).
+    config: variant, temperature and weights.
+    pooling: the features' layout and pooling (`mixskd_jax.pooling.POOLINGS`).
+    where: optional (B,) bool, True for real examples: padded rows do not count in any mean
+      (draw the mix with `sample_mix(..., where=where)` so real rows pair among themselves).
+    axis_name: inside `shard_map` (or another mapped context), the mesh axis the batch is
+      split over: every mean is then over the whole global batch (psum of sums and counts),
+      and the loss is the same on every device.
+
+  Returns:
+    (loss, terms): the weighted scalar loss and every term by name (unweighted, float32),
+    plus `loss` itself. Each term is the sum over heads of that head's batch mean.
+  """
+  per_head = _per_head_terms(outputs, labels, mix, self_teacher=self_teacher,
+                             discriminators=discriminators, config=config, pooling=pooling)
+  mean = lambda v: (sum(_batch_mean(u, where, axis_name) for u in v) if isinstance(v, tuple)
+                    else _batch_mean(v, where, axis_name))
+  terms = {name: sum((mean(v) for v in values), jnp.zeros((), jnp.float32))
+           for name, values in per_head.items()}
   loss = jnp.zeros((), jnp.float32)
   for name, value in terms.items():
     # A left-out term (weight 0) is logged but never enters the loss, so it sends exactly
@@ -192,6 +228,35 @@ def mixskd_loss(
   return loss, terms
 
 
+def mixskd_per_example_terms(
+    outputs: ModelOutputs,
+    labels: jax.Array,
+    mix: MixParams,
+    *,
+    self_teacher: Callable[[Sequence[jax.Array]], jax.Array],
+    discriminators: Callable[[Sequence[jax.Array]], Sequence[jax.Array]],
+    config: ObjectiveConfig,
+    pooling: str = "spatial_mean",
+) -> dict[str, jax.Array]:
+  """Every MixSKD term per clean example (summed over heads) and their weighted sum `loss`.
+
+  Same arguments as `mixskd_loss`. The batch mean of each entry is `mixskd_loss`'s term; use
+  these to weight examples, mask them, or reduce them your own way.
+
+  Returns:
+    term name -> (B,) float32, plus "loss": (B,) weighted sum of the terms with non-zero
+    weight. Gradients flow as in `mixskd_loss`.
+  """
+  per_head = _per_head_terms(outputs, labels, mix, self_teacher=self_teacher,
+                             discriminators=discriminators, config=config, pooling=pooling)
+  zero = jnp.zeros(labels.shape, jnp.float32)
+  terms = {name: sum((sum(v) if isinstance(v, tuple) else v for v in values), zero)
+           for name, values in per_head.items()}
+  terms["loss"] = sum((config.weight(n) * v for n, v in terms.items() if config.weight(n)),
+                      zero)
+  return terms
+
+
 def apply_mixskd(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -200,7 +265,7 @@ def apply_mixskd(
     mix: MixParams,
     config: ObjectiveConfig,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], ModelOutputs, Any]]:
-  """Mixes `images`, runs a `MixSKDResNet` in train mode on both views, computes the loss.
+  """Mixes `images`, runs a `MixSKDNetwork` in train mode on both views, computes the loss.
 
   One forward pass over the 2B rows `mixing.stack_views(clean, mixed, mix.num_groups)`, so
   BatchNorm normalizes both views together, as the reference does (per BatchNorm group of the
@@ -221,15 +286,19 @@ def apply_mixskd(
     x = mixing.stack_views(images, mixing.mix(images, mix), mix.num_groups)
     outputs = module(x, train=True)
     loss, terms = mixskd_loss(outputs, labels, mix, self_teacher=module.teach,
-                              discriminators=module.discriminate, config=config)
+                              discriminators=module.discriminate, config=config,
+                              pooling=getattr(module, "pooling", "spatial_mean"))
     return loss, terms, outputs
 
   (loss, terms, outputs), state = model.apply(
       variables, images, method=forward, mutable=["batch_stats"])
-  return loss, (terms, outputs, state["batch_stats"])
+  # A model without BatchNorm (LayerNorm, tokens) has no batch_stats collection.
+  return loss, (terms, outputs, state.get("batch_stats", {}))
 
 
-def parameter_partition(params: Mapping[str, Any], config: ObjectiveConfig) -> Any:
+def parameter_partition(params: Mapping[str, Any], config: ObjectiveConfig, *,
+                        self_teacher: trainable.Where = ("self_teacher",),
+                        discriminators: trainable.Where = ("discriminators",)) -> Any:
   """Labels every parameter TRAINABLE or FROZEN for this variant (for `optax.multi_transform`).
 
   The self-teacher is frozen in `reference_cifar` (PyTorch skips parameters whose gradient is
@@ -237,17 +306,23 @@ def parameter_partition(params: Mapping[str, Any], config: ObjectiveConfig) -> A
   `adversarial`. Everything else trains.
 
   Args:
-    params: the model's `params` collection with top-level `self_teacher` and
-      `discriminators` entries (others are trained).
+    params: the network's and the training-only heads' parameters.
     config: the objective.
+    self_teacher, discriminators: where those heads' parameters are: a path of keys from the
+      root (default: the top-level entries, as in our networks), a predicate on a
+      parameter's path, or None. A nested sub-tree with one of those names that the path does
+      not select is refused with an error (`mixskd_jax.trainable`).
 
   Returns:
     A pytree with the structure of `params` whose leaves are "trainable" or "frozen".
   """
-  frozen = set()
-  if not config.trains_self_teacher:
-    frozen.add("self_teacher")
-  if not config.trains_discriminators:
-    frozen.add("discriminators")
-  return {name: jax.tree_util.tree_map(lambda _: FROZEN if name in frozen else TRAINABLE, sub)
-          for name, sub in params.items()}
+  return trainable.variant_partition(params, config, self_teacher=self_teacher,
+                                     discriminators=discriminators)
+
+
+def trainable_mask(params: Mapping[str, Any], config: ObjectiveConfig, *,
+                   self_teacher: trainable.Where = ("self_teacher",),
+                   discriminators: trainable.Where = ("discriminators",)) -> Any:
+  """`parameter_partition` as booleans (True = trained), e.g. for `optax.masked`."""
+  return trainable.mask(parameter_partition(params, config, self_teacher=self_teacher,
+                                            discriminators=discriminators))

@@ -16,14 +16,14 @@ import jax
 
 from mixskd_jax.interop.checkpoint_io import read_state_dict, save_converted
 from mixskd_jax.interop.convert import convert_state_dict, export_backbone
-from mixskd_jax.models.registry import SPECS, build_model
+from mixskd_jax.models.registry import RESNETS, build_model
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m mixskd_jax.interop", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help=".pth/.pth.tar/.pt or .npz file")
-  parser.add_argument("--model", required=True, choices=sorted(SPECS))
+  parser.add_argument("--model", required=True, choices=sorted(RESNETS))
   parser.add_argument("--num_classes", required=True, type=int)
   parser.add_argument("--output", required=True, help="new directory to write")
   parser.add_argument("--plain", action="store_true",

@@ -12,7 +12,7 @@ from flax import traverse_util
 
 from mixskd_jax.interop import keymap
 from mixskd_jax.models.heads import FeatureDiscriminators
-from mixskd_jax.models.mixskd import MixSKDResNet
+from mixskd_jax.models.staged import MixSKDNetwork
 
 Variables = dict[str, Any]
 
@@ -43,7 +43,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *,
 
   Args:
     state_dict: name -> array (numpy, or anything `np.asarray` takes). For a
-      `MixSKDResNet`, the official MixSKD keys (`backbone.*`, `auxiliary_classifier.*`,
+      MixSKD network (`models.mixskd_resnet`), the official MixSKD keys (`backbone.*`, `auxiliary_classifier.*`,
       `final_aux_classifier.*`, optionally `discriminators.{k}.{0,2}.*`); for a plain
       `ResNet`, the backbone keys without the `backbone.` prefix (torchvision layout).
     model: the Flax module to fill, e.g. `build_model("cifar_resnet18", 100)`.
@@ -58,7 +58,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *,
     ValueError: listing unexpected keys, shape mismatches and unfilled variables.
   """
   tensors = _strip_prefix(state_dict)
-  mixskd = isinstance(model, MixSKDResNet)
+  mixskd = isinstance(model, MixSKDNetwork)
   stem_key = "backbone.conv1.weight" if mixskd else "conv1.weight"
   if stem_key not in tensors:
     raise ValueError(f"The state dict has no {stem_key!r}: it is not a checkpoint of this model "
@@ -99,9 +99,12 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *,
   return jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(filled))
 
 
-def _fresh_discriminators(model: MixSKDResNet, target: Mapping, key: jax.Array) -> dict:
-  heads = model.spec.num_stages
-  pooled = [jnp.zeros((1, model.spec.feature_channels), jnp.float32)] * heads
+def _fresh_discriminators(model: MixSKDNetwork, target: Mapping, key: jax.Array) -> dict:
+  # Each discriminator's first layer reads one head's pooled features: (channels, hidden).
+  first_layers = sorted((k for k in target if k[:2] == ("params", "discriminators")
+                         and k[-2:] == ("fc1", "kernel")), key=lambda k: int(k[2][len("disc"):]))
+  channels = [target[k].shape[0] for k in first_layers]
+  pooled = [jnp.zeros((1, c), jnp.float32) for c in channels]
   params = FeatureDiscriminators(model.discriminator_hidden).init(key, pooled)["params"]
   flat = traverse_util.flatten_dict(params)
   return {("params", "discriminators") + k: np.asarray(v) for k, v in flat.items()}

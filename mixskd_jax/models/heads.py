@@ -1,7 +1,8 @@
 """MixSKD's training-only heads, usable with any model: self-teacher and discriminators.
 
-Both take lists of per-head feature maps, so a user's own network that returns one final
-feature map per head can be trained with the MixSKD objective.
+The self-teacher takes the list of per-head final features (feature maps or token sequences,
+`mixskd_jax.pooling`), the discriminators one pooled vector per head, so a user's own network
+that returns one final feature tensor per head can be trained with the MixSKD objective.
 """
 
 from __future__ import annotations
@@ -12,35 +13,40 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mixskd_jax import pooling as pooling_lib
 from mixskd_jax.models import layers
 
 Dtype = Any
 
 
 class SelfTeacher(nn.Module):
-  """Aggregates the heads' feature maps into soft labels: concat -> 1x1 conv -> GAP -> fc.
+  """Aggregates the heads' final features into soft labels: concat -> 1x1 conv -> pool -> fc.
 
-  The 1x1 convolution has no bias, BN or activation, so the self-teacher is linear in the
-  pooled features. PyTorch-default init, as the official code leaves it.
+  The 1x1 convolution (per position: per pixel of a feature map, per token of a sequence) has
+  no bias, BN or activation, so the self-teacher is linear in the pooled features.
+  PyTorch-default init, as the official code leaves it.
 
   Attributes:
     num_classes: outputs.
     width: channels after the 1x1 conv; None uses the channels of one input feature map
       (the official model: 4 * 512 * expansion -> 512 * expansion).
+    pooling: the features' layout and how they are pooled (`mixskd_jax.pooling.POOLINGS`).
   """
   num_classes: int
   width: int | None = None
   dtype: Dtype = jnp.float32
+  pooling: str = "spatial_mean"
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
-    """features: H maps (N, h, w, c_k) -> (N, num_classes) logits."""
+    """features: H arrays (N, h, w, c_k) or (N, L, c_k), alike but for c_k -> (N, C) logits."""
+    pooling_lib.check_head_features(features, self.pooling)
     x = jnp.concatenate([f.astype(self.dtype) for f in features], axis=-1)
     width = self.width or features[0].shape[-1]
-    x = nn.Conv(width, (1, 1), use_bias=False, kernel_init=layers.torch_default_kernel_init,
-                dtype=self.dtype, name="conv")(x)
+    x = nn.Conv(width, (1,) * (x.ndim - 2), use_bias=False,
+                kernel_init=layers.torch_default_kernel_init, dtype=self.dtype, name="conv")(x)
     return layers.linear(self.num_classes, width, dtype=self.dtype, name="fc")(
-        layers.global_avg_pool(x))
+        pooling_lib.pool(x, self.pooling))
 
 
 class MLPDiscriminator(nn.Module):

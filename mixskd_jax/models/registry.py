@@ -1,4 +1,4 @@
-"""Models by name: the architectures of the official code and a CPU-sized one."""
+"""Models by name: the architectures of the official code, CPU-sized ResNet, ConvNeXt and ViT."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mixskd_jax.models.mixskd import MixSKDResNet
-from mixskd_jax.models.resnet import ResNet, ResNetSpec
+from mixskd_jax.models.convnext import ConvNeXtSpec
+from mixskd_jax.models.resnet import ResNetSpec, resnet_parts
+from mixskd_jax.models.staged import MixSKDNetwork, StagedClassifier
+from mixskd_jax.models.vit import ViTSpec
 
 _CIFAR = dict(stage_widths=(64, 128, 256, 512), stage_strides=(1, 2, 2, 2), stem="cifar",
               stem_width=64, stem_relu=False, init_scheme="torch_default")
 
-SPECS: dict[str, ResNetSpec] = {
+SPECS: dict[str, ResNetSpec | ConvNeXtSpec | ViTSpec] = {
     # The official CIFAR MixSKD backbones (spec A.1): post-activation, no stem ReLU.
     "cifar_resnet18": ResNetSpec(block="basic", stage_sizes=(2, 2, 2, 2), **_CIFAR),
     "cifar_resnet34": ResNetSpec(block="basic", stage_sizes=(3, 4, 6, 3), **_CIFAR),
@@ -29,7 +31,14 @@ SPECS: dict[str, ResNetSpec] = {
     "small_resnet": ResNetSpec(
         block="basic", stage_sizes=(1, 1, 1), stage_widths=(16, 32, 64), stage_strides=(1, 2, 2),
         stem="cifar", stem_width=16, stem_relu=False, init_scheme="torch_default"),
+    # Non-ResNet examples for 28x28 inputs (configs/fashion_mnist_{convnext,vit}.py).
+    # ConvNeXt: 2x2 patches -> 14x14x32, 7x7x64, 4x4x128; LayerNorm only.
+    "small_convnext": ConvNeXtSpec(dims=(32, 64, 128), depths=(1, 1, 1), stem_patch=2),
+    # ViT: 4x4 patches -> 49 tokens of width 64; 3 stages of 2 blocks, mean-pooled tokens.
+    "small_vit": ViTSpec(patch=4, dim=64, stage_depths=(2, 2, 2), num_heads=4, mlp_ratio=2),
 }
+# The official PyTorch key layouts exist for ResNets only (`mixskd_jax.interop`).
+RESNETS = tuple(name for name, spec in SPECS.items() if isinstance(spec, ResNetSpec))
 
 
 def build_model(name: str, num_classes: int, *, mixskd: bool = True, dtype: Any = jnp.float32,
@@ -47,32 +56,36 @@ def build_model(name: str, num_classes: int, *, mixskd: bool = True, dtype: Any 
     dtype: compute dtype; parameters stay float32.
     discriminator_hidden: hidden units of each discriminator (MixSKD only).
     conv_input_barrier: an optimization barrier on every convolution's input (faster
-      training steps on CPU; same values, same parameters; `layers.conv`).
+      training steps on CPU; same values, same parameters; `layers.conv`). ResNets only.
     remat_branches: recompute the auxiliary branches' activations in the backward pass
       (less memory, same values; MixSKD only).
     batchnorm_groups: contiguous row groups with their own BatchNorm statistics in train
-      mode (`layers.BatchNorm`); 1: the whole batch.
+      mode (`layers.BatchNorm`); 1: the whole batch. ResNets only (the others have none).
     batchnorm_running_stats: "mean_of_groups" or "first_group" (`layers.BatchNorm`).
-    **spec_overrides: fields of `ResNetSpec` to change, e.g. `stage_sizes=(2, 2, 2)`.
+    **spec_overrides: fields of the model's spec to change, e.g. `stage_sizes=(2, 2, 2)`.
 
   Returns:
-    A Flax module whose `__call__(x, train)` returns `ModelOutputs`.
+    A `MixSKDNetwork` or a `StagedClassifier`; `__call__(x, train)` returns `ModelOutputs`.
   """
   if name not in SPECS:
     raise ValueError(f"Unknown model {name!r}. Known models: {sorted(SPECS)}.")
-  unknown = set(spec_overrides) - {f.name for f in dataclasses.fields(ResNetSpec)}
+  spec = SPECS[name]
+  unknown = set(spec_overrides) - {f.name for f in dataclasses.fields(spec)}
   if unknown:
-    raise ValueError(f"Unknown ResNetSpec fields {sorted(unknown)} for model {name!r}.")
-  spec = dataclasses.replace(SPECS[name], **{"conv_input_barrier": conv_input_barrier,
-                                             "bn_groups": batchnorm_groups,
-                                             "bn_running_stats": batchnorm_running_stats,
-                                             **spec_overrides})
+    raise ValueError(f"Unknown {type(spec).__name__} fields {sorted(unknown)} for model "
+                     f"{name!r}.")
+  if isinstance(spec, ResNetSpec):
+    spec_overrides = {"conv_input_barrier": conv_input_barrier, "bn_groups": batchnorm_groups,
+                      "bn_running_stats": batchnorm_running_stats, **spec_overrides}
+  spec = dataclasses.replace(spec, **spec_overrides)
+  parts = resnet_parts(spec, dtype) if isinstance(spec, ResNetSpec) else spec.parts(dtype)
   if mixskd:
     if spec.num_stages < 2:
       raise ValueError(f"MixSKD needs a backbone with at least 2 stages; {name!r} has "
                        f"{spec.num_stages}.")
-    return MixSKDResNet(spec, num_classes, discriminator_hidden, dtype, remat_branches)
-  return ResNet(spec, num_classes, dtype)
+    return MixSKDNetwork(num_classes=num_classes, discriminator_hidden=discriminator_hidden,
+                         remat_branches=remat_branches, **parts)
+  return StagedClassifier(num_classes=num_classes, **parts)
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

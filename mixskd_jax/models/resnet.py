@@ -7,6 +7,7 @@ Module and parameter names mirror the official PyTorch code (`conv1`, `bn1`, `la
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mixskd_jax.models import layers
-from mixskd_jax.models.outputs import ModelOutputs
+from mixskd_jax.models.staged import MixSKDNetwork, StagedClassifier
 
 Dtype = Any
 BLOCKS = ("basic", "bottleneck")
@@ -156,28 +157,27 @@ class Stem(nn.Module):
     return x
 
 
-class ResNet(nn.Module):
+def resnet_parts(spec: ResNetSpec, dtype: Dtype = jnp.float32) -> dict[str, Any]:
+  """The staged-backbone arguments of a ResNet: stem, stages `layer1..layerS`, the `fc` head."""
+  return dict(stages=tuple(functools.partial(ResNetStage, spec, s, dtype)
+                           for s in range(spec.num_stages)),
+              stem=functools.partial(Stem, spec, dtype),
+              head=functools.partial(layers.linear, dtype=dtype),
+              pooling="spatial_mean", dtype=dtype)
+
+
+def resnet(spec: ResNetSpec, num_classes: int, dtype: Dtype = jnp.float32) -> StagedClassifier:
   """A plain ResNet classifier: stem, stages `layer1..layerS`, global pool, `fc`.
 
   This is also the backbone inside the MixSKD model and the network used at inference.
-
-  Attributes:
-    spec: the architecture.
-    num_classes: outputs of `fc`.
-    dtype: compute dtype (parameters and BN statistics stay float32).
+  Parameters and BatchNorm statistics stay float32 whatever the compute `dtype`.
   """
-  spec: ResNetSpec
-  num_classes: int
-  dtype: Dtype = jnp.float32
+  return StagedClassifier(num_classes=num_classes, **resnet_parts(spec, dtype))
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> ModelOutputs:
-    """x: (N, H, W, C) normalized images -> ModelOutputs with one head."""
-    x = Stem(self.spec, self.dtype, name="stem")(x.astype(self.dtype), train)
-    stages = []
-    for s in range(self.spec.num_stages):
-      x = ResNetStage(self.spec, s, self.dtype, name=f"layer{s + 1}")(x, train)
-      stages.append(x)
-    logits = layers.linear(self.num_classes, x.shape[-1], dtype=self.dtype, name="fc")(
-        layers.global_avg_pool(x))
-    return ModelOutputs(logits=(logits,), features=(x,), stage_features=tuple(stages))
+
+def mixskd_resnet(spec: ResNetSpec, num_classes: int, discriminator_hidden: int = 128,
+                  dtype: Dtype = jnp.float32, remat_branches: bool = False) -> MixSKDNetwork:
+  """The official MixSKD network: a ResNet with S - 1 auxiliary branches, each a fresh copy of
+  the remaining stages (spec A.2), the self-teacher and the discriminators."""
+  return MixSKDNetwork(num_classes=num_classes, discriminator_hidden=discriminator_hidden,
+                       remat_branches=remat_branches, **resnet_parts(spec, dtype))

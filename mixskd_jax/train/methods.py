@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from mixskd_jax import baselines, losses, mixing, objective
+from mixskd_jax import baselines, losses, mixing, objective, trainable
 from mixskd_jax.objective import ObjectiveConfig
 
 METHODS = ("mixskd", "cross_entropy", "label_smoothing", "mixup", "cutmix", "cs_kd", "ps_kd",
@@ -77,7 +77,7 @@ def _logged(terms: Mapping[str, jax.Array], loss: jax.Array) -> dict[str, jax.Ar
 
 def _forward(model: nn.Module, variables, images):
   outputs, state = model.apply(variables, images, train=True, mutable=["batch_stats"])
-  return outputs, state["batch_stats"]
+  return outputs, state.get("batch_stats", {})
 
 
 def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:
@@ -223,9 +223,9 @@ def byot_method(temperature: float, kl_weight: float, feature_weight: float) -> 
     return value, (_logged(terms, value), outputs, stats, inputs.method_state)
 
   def partition(params):
-    return {name: jax.tree_util.tree_map(
-        lambda _: objective.FROZEN if name in ("self_teacher", "discriminators")
-        else objective.TRAINABLE, sub) for name, sub in params.items()}
+    return trainable.partition(
+        params, roles={"self_teacher": ("self_teacher",), "discriminators": ("discriminators",)},
+        frozen=("self_teacher", "discriminators"))
   return Method("byot", loss, partition)
 
 

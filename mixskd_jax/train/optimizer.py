@@ -3,13 +3,15 @@ applied only to the parameters the objective's variant trains."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ml_collections
 import optax
 
 from mixskd_jax.objective import FROZEN, TRAINABLE
 from mixskd_jax.train.schedule import reference_schedule
+
+if TYPE_CHECKING:  # `import mixskd_jax` needs only JAX, Flax and optax (a bare Colab has them)
+  import ml_collections
 
 
 def reference_sgd(learning_rate: optax.ScalarOrSchedule, *, momentum: float, nesterov: bool,

@@ -15,7 +15,7 @@ import optax
 from flax import linen as nn
 
 from mixskd_jax.data import normalize
-from mixskd_jax.models.mixskd import MixSKDResNet
+from mixskd_jax.models.staged import MixSKDNetwork
 from mixskd_jax.train.methods import Method, StepInputs
 from mixskd_jax.train.state import TrainState
 
@@ -107,7 +107,7 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, mean: Sequenc
 
   def forward(module, images):
     outputs = module(images, train=False)
-    teacher = module.teach(outputs.features) if isinstance(module, MixSKDResNet) else None
+    teacher = module.teach(outputs.features) if isinstance(module, MixSKDNetwork) else None
     return outputs, teacher
 
   outputs, teacher = model.apply(state.variables, images, method=forward)
