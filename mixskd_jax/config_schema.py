@@ -115,13 +115,20 @@ def finalize(config: ml_collections.ConfigDict, arg: str = "") -> ml_collections
   """Applies the config-file argument: comma-separated tokens after the path's ':'.
 
   * an objective variant (`reference_cifar`, `full`, `adversarial`) selects it;
+  * a training method (`cross_entropy`, `mixup`, `byot`, ... `train.methods.METHODS`)
+    trains it on the same backbone and recipe (`recipes.with_method`);
   * `smoke` shrinks the run to a few tiny steps that exercise every code path (data, step,
     eval, checkpoint, results) in about a minute on a laptop.
 
   Example: --config=configs/cifar100_resnet18_mixskd.py:reference_cifar,smoke
+           --config=configs/fashion_mnist_vit.py:cross_entropy
   """
+  from mixskd_jax import recipes  # pylint: disable=import-outside-toplevel  (imports this file)
+  from mixskd_jax.train.methods import METHODS  # pylint: disable=import-outside-toplevel
   for token in filter(None, (t.strip() for t in arg.split(","))):
-    if token in VARIANTS:
+    if token in METHODS:
+      config = recipes.with_method(config, token)
+    elif token in VARIANTS:
       config.objective.variant = token
     elif token == "smoke":
       config.num_train_steps = 4
@@ -134,6 +141,6 @@ def finalize(config: ml_collections.ConfigDict, arg: str = "") -> ml_collections
       config.checkpoint_every_steps = 2
       config.optimizer.warmup_epochs = 0
     else:
-      raise ValueError(f"Unknown config argument {token!r}; use 'smoke' and/or one of "
-                       f"{VARIANTS}, comma-separated.")
+      raise ValueError(f"Unknown config argument {token!r}; use 'smoke', a method of "
+                       f"{METHODS} and/or a variant of {VARIANTS}, comma-separated.")
   return config

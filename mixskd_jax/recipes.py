@@ -98,6 +98,32 @@ def imagenet(*, mixskd: bool = True) -> ml_collections.ConfigDict:
   return c
 
 
+def fashion_mnist_staged(model_name: str, *, learning_rate: float) -> ml_collections.ConfigDict:
+  """MixSKD (`full`) on a non-ResNet backbone of `models.SPECS`, sized for a 2-core CPU.
+
+  Half of Fashion-MNIST's training set (30,000 images, class-balanced), 3 epochs of batch 128
+  (703 steps): 1 epoch of per-step warm-up, then cosine; SGD Nesterov 0.9, coupled weight
+  decay 5e-4; mixup alpha 0.4, T = 3; the full 10,000-image test set. Its cross-entropy twin
+  is the `cross_entropy` token (`config_schema.finalize`), every other setting equal.
+  """
+  c = config_schema.base_config()
+  c.model.name = model_name
+  c.data.name = "fashion_mnist"
+  c.data.train_examples_per_class = 3000
+  c.batch_size = 128
+  c.eval_batch_size = 1000
+  c.num_epochs = 3
+  c.objective.variant = "full"
+  c.objective.alpha = 0.4
+  c.optimizer.schedule = "cosine"
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.warmup_epochs = 1
+  c.optimizer.weight_decay = 5e-4
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 250
+  return c
+
+
 def with_method(config: ml_collections.ConfigDict, method: str,
                 variant: str | None = None) -> ml_collections.ConfigDict:
   """`config` set up to train `method` (one of `train.methods.METHODS`), all else unchanged.

@@ -24,6 +24,7 @@ def load(name, arg=""):
 def test_the_expected_configs_exist():
   assert CONFIGS == ["cifar100_resnet18_ce.py", "cifar100_resnet18_mixskd.py",
                      "cifar100_resnet50_ce.py", "cifar100_resnet50_mixskd.py", "default.py",
+                     "fashion_mnist_convnext.py", "fashion_mnist_vit.py",
                      "imagenet_resnet50_ce.py", "imagenet_resnet50_mixskd.py"]
 
 
@@ -87,6 +88,14 @@ def test_config_arguments_are_checked():
     load("default.py", "tiny")
   c = load("default.py", "adversarial,smoke")
   assert c.objective.variant == "adversarial" and c.num_train_steps == 4
+
+
+def test_a_method_token_makes_the_same_recipes_twin():
+  """`:cross_entropy` trains the plain backbone with every other setting unchanged."""
+  mixskd, ce = load("fashion_mnist_vit.py"), load("fashion_mnist_vit.py", "cross_entropy")
+  assert ce.method == "cross_entropy" and not ce.model.mixskd and mixskd.model.mixskd
+  ce.method, ce.model.mixskd = mixskd.method, mixskd.model.mixskd
+  assert ce.to_dict() == mixskd.to_dict()
 
 
 @pytest.mark.parametrize("name", ["default.py", "cifar100_resnet18_mixskd.py",
