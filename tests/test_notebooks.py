@@ -3,12 +3,18 @@ what they claim: each ends with a `NOTEBOOK_RESULT {json}` line that is checked 
 
 Each notebook runs in a fresh python3 kernel of this interpreter, started in the notebooks'
 folder as Jupyter would start it, with MIXSKD_NOTEBOOK_SMOKE=1 and the Agg matplotlib backend.
+colab_own_backbone.ipynb instead starts outside the checkout, with mixskd_jax not importable,
+and installs the package itself.
 """
 
 import importlib.util
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 
 import nbclient
 import nbformat
@@ -18,7 +24,8 @@ from jupyter_client.manager import AsyncKernelManager
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 NOTEBOOK_DIR = os.path.join(REPO, "experiments", "notebooks")
-NOTEBOOKS = ["quickstart.ipynb", "own_model_losses.ipynb", "load_checkpoint_predict.ipynb"]
+NOTEBOOKS = ["quickstart.ipynb", "own_model_losses.ipynb", "load_checkpoint_predict.ipynb",
+             "colab_own_backbone.ipynb"]
 CELL_TIMEOUT_S = 300  # a hang guard: at smoke settings the slowest cell takes ~25 s on 2 cores
 RESULT_MARKER = "NOTEBOOK_RESULT "
 
@@ -50,8 +57,11 @@ def compilation_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-def kernel_environment(output_dir, cache_dir):
-  """The kernel's environment: smoke settings, headless matplotlib, the repository importable."""
+def kernel_environment(output_dir, cache_dir, changes=None):
+  """The kernel's environment: smoke settings, headless matplotlib, the repository importable.
+
+  changes: variables to set on top (a value None removes the variable).
+  """
   env = dict(os.environ)
   # conftest.py fakes 8 CPU devices for the sharding tests; a notebook should see the machine
   # as a user's kernel does (and 8 fake devices on 2 cores only slow it down).
@@ -64,18 +74,27 @@ def kernel_environment(output_dir, cache_dir):
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
+  for key, value in (changes or {}).items():
+    if value is None:
+      env.pop(key, None)
+    else:
+      env[key] = value
   return env
 
 
-def run_notebook(name, kernel_dir, cache_dir, output_dir):
-  """Executes a notebook and returns the JSON of its NOTEBOOK_RESULT line."""
+def run_notebook(name, kernel_dir, cache_dir, output_dir, *, cwd=NOTEBOOK_DIR, env=None):
+  """Executes a notebook and returns the JSON of its NOTEBOOK_RESULT line.
+
+  cwd: the kernel's working directory. env: `kernel_environment`'s `changes`.
+  """
   with open(os.path.join(NOTEBOOK_DIR, name)) as f:
     nb = nbformat.read(f, as_version=4)
   km = AsyncKernelManager(kernel_name="python3",
                           kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dir]))
   client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                                   resources={"metadata": {"path": NOTEBOOK_DIR}})
-  client.execute(env=kernel_environment(output_dir, cache_dir))  # raises on a cell's error
+                                   resources={"metadata": {"path": str(cwd)}})
+  # raises on a cell's error
+  client.execute(env=kernel_environment(output_dir, cache_dir, changes=env))
   # A cell's printed text may arrive as several stream outputs: join them before splitting.
   text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                  for out in cell.get("outputs", []) if out.get("output_type") == "stream")
@@ -151,3 +170,55 @@ def test_load_checkpoint_predict(kernel_dir, compilation_cache, tmp_path):
     assert result["max_rel_diff"] == 0.0
   assert len(result["predicted_classes"]) == 8
   assert all(0 <= c < 100 for c in result["predicted_classes"])  # CIFAR-100 classes
+
+
+# What `pip install <source folder>` reads besides the package (pyproject.toml's readme and
+# its dynamic dependencies file).
+PACKAGE_FILES = ["pyproject.toml", "requirements.txt", "README.md"]
+
+
+def test_colab_notebook_installs_and_trains_outside_the_checkout(kernel_dir, compilation_cache,
+                                                                 tmp_path):
+  """colab_own_backbone.ipynb from a runtime without mixskd_jax: its install cell runs
+  `pip install --no-deps $MIXSKD_SOURCE` (here a copy of this checkout, into a temporary
+  prefix instead of the environment), then it trains a ConvNet of its own with MixSKD: the loss
+  goes down, every head and the self-teacher beat chance on Fashion-MNIST, and the `full`
+  variant's frozen discriminators do not move."""
+  # pip builds a source folder in place (build/, *.egg-info): give it a copy of the package.
+  source = tmp_path / "source"
+  shutil.copytree(os.path.join(REPO, "mixskd_jax"), source / "mixskd_jax",
+                  ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+  for name in PACKAGE_FILES:
+    shutil.copy(os.path.join(REPO, name), source / name)
+  # PIP_PREFIX, not PIP_TARGET: pip passes PIP_TARGET on to the subprocess that installs the
+  # build requirements (build isolation), which then fails ("Cannot set --home and --prefix").
+  prefix = tmp_path / "prefix"
+  site = sysconfig.get_path("purelib", sysconfig.get_preferred_scheme("prefix"),  # pip's choice
+                            vars={"base": str(prefix), "platbase": str(prefix)})
+  os.makedirs(site)
+  workdir = tmp_path / "colab"  # the kernel's working directory: outside the checkout
+  workdir.mkdir()
+  env = {"MIXSKD_SOURCE": str(source), "PIP_PREFIX": str(prefix), "PYTHONPATH": site,
+         "PYTHONNOUSERSITE": "1", "PIP_TARGET": None, "PIP_USER": None}
+  probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; "
+                          "print(u.find_spec('mixskd_jax') is not None)"],
+                         cwd=workdir, env=kernel_environment(tmp_path, compilation_cache, env),
+                         check=True, capture_output=True, text=True)
+  if probe.stdout.strip() != "False":
+    pytest.skip("mixskd_jax is installed in this interpreter (e.g. `pip install -e .`), so the "
+                "notebook would not install it: this test needs an environment without it.")
+
+  result = run_notebook("colab_own_backbone.ipynb", kernel_dir, compilation_cache, tmp_path,
+                        cwd=workdir, env=env)
+
+  # The kernel imported the package that its install cell had just put under the prefix.
+  assert os.path.realpath(result["installed_from"]) == os.path.realpath(
+      os.path.join(site, "mixskd_jax"))
+  assert result["steps"] == 30
+  assert result["loss_last"] < result["loss_first"]
+  assert set(result["accuracy"]) == {"branch1", "branch2", "backbone", "self_teacher"}
+  for value in result["accuracy"].values():
+    assert_accuracy(value)
+    if result["data"] != "synthetic":
+      assert value > 20.0  # chance is 10%; ~50% after the 30 smoke steps
+  assert result["discriminators_unchanged"] and not result["backbone_unchanged"]

@@ -35,6 +35,25 @@ def test_own_model_example_trains(capsys):
   assert "clean_ce" in capsys.readouterr().out
 
 
+def test_staged_backbone_example_trains(capsys):
+  """'Your backbone, branches built for you': two steps change the backbone, the branches and
+  the self-teacher but not the (frozen) discriminators; the plain network reads the backbone."""
+  namespace = {}
+  exec(compile(readme_block("staged-backbone"), "README staged-backbone", "exec"), namespace)
+  model, images = namespace["model"], namespace["images"]
+  before = model.init(jax.random.key(1), images)["params"]
+  after = namespace["variables"]["params"]
+  changed = lambda name: any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(before[name]), jax.tree_util.tree_leaves(after[name])))
+  assert set(after) == {"backbone", "branches_0", "branches_1", "self_teacher",
+                        "discriminators"}
+  assert all(changed(n) for n in ("backbone", "branches_0", "branches_1", "self_teacher"))
+  assert not changed("discriminators")
+  assert np.isfinite(float(namespace["terms"]["loss"])) and "clean_ce" in capsys.readouterr().out
+  np.testing.assert_allclose(namespace["logits"],
+                             model.apply(namespace["variables"], images).logits[-1], rtol=1e-5)
+
+
 def test_official_checkpoint_recipe_reproduces_official_step(tmp_path, monkeypatch):
   """Convert (the README command), load, apply in train mode with a given lam and permutation:
   the terms equal the official computation's (rel. 1e-4); with the discriminators added as
