@@ -102,7 +102,7 @@ def fashion_mnist_staged(model_name: str, *, learning_rate: float) -> ml_collect
   """MixSKD (`full`) on a non-ResNet backbone of `models.SPECS`, sized for a 2-core CPU.
 
   Half of Fashion-MNIST's training set (30,000 images, class-balanced), 3 epochs of batch 128
-  (703 steps): 1 epoch of per-step warm-up, then cosine; SGD Nesterov 0.9, coupled weight
+  (702 steps): 1 epoch of per-step warm-up, then cosine; SGD Nesterov 0.9, coupled weight
   decay 5e-4; mixup alpha 0.4, T = 3; the full 10,000-image test set. Its cross-entropy twin
   is the `cross_entropy` token (`config_schema.finalize`), every other setting equal.
   """
