@@ -1,4 +1,6 @@
-"""Test set-up: eight fake CPU devices for sharding tests (must precede the first jax import)."""
+"""Test set-up: eight fake CPU devices for sharding tests (must precede the first jax import),
+and the two tiers: tests marked `slow` (end-to-end training, multi-process, notebooks,
+subprocess compiles, live PyTorch comparisons) run only with `--slow` or MIXSKD_SLOW_TESTS=1."""
 
 import os
 
@@ -10,6 +12,26 @@ if os.environ.get("MIXSKD_REQUIRE_TORCH"):
 
 
 import pytest  # noqa: E402  (after the environment set-up above)
+
+SLOW_ENV = "MIXSKD_SLOW_TESTS"
+
+
+def pytest_addoption(parser):
+  parser.addoption("--slow", action="store_true", default=False,
+                   help=f"also run the slow tier (tests marked slow); same as {SLOW_ENV}=1")
+
+
+def _run_slow(config) -> bool:
+  return config.getoption("--slow") or os.environ.get(SLOW_ENV, "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+  if _run_slow(config):
+    return
+  skip = pytest.mark.skip(reason="slow tier: run with --slow")
+  for item in items:
+    if item.get_closest_marker("slow") is not None:
+      item.add_marker(skip)
 
 
 @pytest.fixture

@@ -111,6 +111,7 @@ def _method(name, **config_overrides):
       variables
 
 
+@pytest.mark.slow
 def test_cross_entropy_and_label_smoothing_at_zero_agree():
   inputs = _inputs()
   ce, model, variables = _method("cross_entropy")
@@ -195,6 +196,7 @@ def test_ps_kd_reads_last_epoch_then_writes_this_one():
     method.loss(model, variables, StepInputs(**{**_inputs().__dict__, "method_state": state}))
 
 
+@pytest.mark.slow
 def test_byot_trains_backbone_and_branches_but_not_the_mixskd_heads():
   method, model, variables = _method("byot")
   inputs = _inputs()

@@ -49,6 +49,7 @@ def result(tmp_path_factory, two_stage_small_resnet):
   return res, path
 
 
+@pytest.mark.slow
 def test_run_benchmark_fields_are_sane(result):
   """Guards the reported numbers: FLOPs, step times, images/s, memory and the peak."""
   res, _ = result
@@ -73,6 +74,7 @@ def test_run_benchmark_fields_are_sane(result):
   assert "pipeline" not in res
 
 
+@pytest.mark.slow
 def test_ratios_match_the_step_times_and_flops(result):
   """Guards the MixSKD/CE ratios against the per-step numbers they come from."""
   res, _ = result
@@ -83,6 +85,7 @@ def test_ratios_match_the_step_times_and_flops(result):
   assert r["time_over_flop_ratio"] == pytest.approx(r["step_time"] / r["flops"])
 
 
+@pytest.mark.slow
 def test_json_is_written_and_table_formats(result):
   """Guards that the JSON holds what run_benchmark returned and the table names both steps."""
   res, path = result
@@ -201,6 +204,7 @@ def plain_mixskd():
   return inputs, variables, _mixskd_outputs(_model_config(), variables, *inputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", [
     {"conv_input_barrier": True}, {"remat_branches": True}, {"cpu_convolutions": "eigen"},
     {"conv_input_barrier": True, "cpu_convolutions": "eigen", "remat_branches": True}],

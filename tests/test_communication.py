@@ -60,6 +60,7 @@ def assert_moves_no_activations(step, devices):
   assert comm["by_kind"]["all-reduce"]["bytes"] >= 0.5 * step["parameter_bytes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS)
 def test_mixskd_step_moves_no_activations_on_8_devices(path):
   step = benchmark.measure_step(load(path), steps=0)
@@ -67,6 +68,7 @@ def test_mixskd_step_moves_no_activations_on_8_devices(path):
   assert step["mix_groups"] == 8
 
 
+@pytest.mark.slow
 def test_pairs_across_devices_are_visible_in_the_hlo():
   """The check above can fail: one mix group over 8 devices moves images and feature maps."""
   config = load("configs/default.py")
@@ -75,6 +77,7 @@ def test_pairs_across_devices_are_visible_in_the_hlo():
   assert step["communication"]["data_moving_bytes"] > 1e6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [16, 64])
 def test_configs_compile_on_a_slice(devices):
   """ImageNet keeps 16 images, one mix group and one BatchNorm group per device: nothing but

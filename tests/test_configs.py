@@ -98,6 +98,7 @@ def test_a_method_token_makes_the_same_recipes_twin():
   assert ce.to_dict() == mixskd.to_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["default.py", "cifar100_resnet18_mixskd.py",
                                   "cifar100_resnet18_ce.py"])
 def test_smoke_runs_end_to_end(name, tmp_path):

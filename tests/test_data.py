@@ -102,6 +102,7 @@ def test_dataset_info_under_mock():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_local_fashion_mnist_builder_on_the_debian_files(tmp_path):
   idx_dir = fashion_mnist_local.DEFAULT_IDX_DIR
   if not fashion_mnist_local.has_idx_files(idx_dir):

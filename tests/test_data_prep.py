@@ -77,6 +77,7 @@ with open(log, "a") as f:
 """
 
 
+@pytest.mark.slow
 def test_two_processes_prepare_once(tmp_path):
   """Real jax.distributed processes on one shared data_dir: only process 0 builds."""
   manual = tmp_path / "manual"

@@ -62,6 +62,7 @@ def test_cifar100_suite_is_the_papers_recipe():
     assert c.optimizer.milestones == (100, 150) and c.optimizer.warmup_epochs == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cs_kd", "ps_kd"])
 def test_cifar100_suite_methods_needing_the_pipeline_train_on_mock_data(name, tmp_path):
   """The CIFAR-100 rows that need same-class pairs or example ids, with the real ResNet-18."""
@@ -99,6 +100,7 @@ def _timing(workdir, name):
     return json.load(f)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fashion_mnist_offline")
 def test_command_trains_reports_and_skips_finished_runs(tmp_path):
   if not flags.FLAGS.is_parsed():

@@ -95,6 +95,7 @@ def jax_step(net, discs, x, y, lam, perm, variant, dtype=jnp.float32):
   return model, variables, loss, aux, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["reference_cifar", "full"])
 def test_converted_model_reproduces_official_step(official_r18, variant):
   """Definition of done: logits, features, every loss term, the loss and the BN updates of one
@@ -116,6 +117,7 @@ def test_converted_model_reproduces_official_step(official_r18, variant):
                net.auxiliary_classifier.block_extractor1[0][0].downsample[1].running_mean)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["reference_cifar", "full"])
 def test_gradients_match_pytorch(official_r18, variant):
   """Every parameter's gradient equals PyTorch autograd's (stop-gradients = .detach(), and a
@@ -161,6 +163,7 @@ def _grads_as_state_dict(net, discs):
   return grads
 
 
+@pytest.mark.slow
 def test_one_sgd_step_matches_pytorch(official_r18):
   """reference_cifar: one Nesterov SGD step with coupled decay gives PyTorch's parameters
   (float64, see above), and the never-updated self-teacher stays bit-identical (PyTorch skips
@@ -190,6 +193,7 @@ def test_one_sgd_step_matches_pytorch(official_r18):
                                   params["self_teacher"]["conv"]["kernel"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,builder,size", [
     ("cifar_resnet50", lambda: tr.build_cifar_mixskd(50, 10), 32),
     ("imagenet_resnet50", lambda: tr.build_imagenet_mixskd_resnet50(10), 64),
@@ -282,6 +286,7 @@ def test_missing_torch_is_explained(tmp_path, monkeypatch):
     read_state_dict(str(path))
 
 
+@pytest.mark.slow
 def test_command_converts_saves_and_loads(official_r18, tmp_path):
   """`python -m mixskd_jax.interop` writes an Orbax checkpoint that loads back to the same
   model; --backbone_only exports the plain inference network with the backbone head's logits."""
@@ -308,6 +313,7 @@ def test_command_converts_saves_and_loads(official_r18, tmp_path):
                   "--output", full_dir])
 
 
+@pytest.mark.slow
 def test_plain_torchvision_layout(official_r18):
   """A plain backbone state dict (no 'backbone.' prefix) converts into the plain ResNet."""
   net, _, x, *_ = official_r18

@@ -68,6 +68,7 @@ def test_one_import_gives_the_api_without_tensorflow():
                         check=True).stdout.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_token_features_equal_the_same_numbers_as_one_column_feature_maps(setup):
   """Tokens (N, L, D) with token_mean give the loss of the same numbers laid out as feature
   maps (N, L, 1, D) with spatial_mean: the self-teacher's per-token map is its 1x1 conv."""
@@ -118,6 +119,7 @@ def test_per_example_terms_average_to_the_loss_terms(setup):
     np.testing.assert_allclose(values.mean(), terms[name], rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_where_mask_ignores_padded_rows(setup):
   """A batch of 6 real rows padded to 8 with garbage: with `where` (and the mix drawn with it)
   the loss and its gradient equal those of the 6 real rows alone."""
@@ -152,6 +154,7 @@ def test_where_mask_ignores_padded_rows(setup):
   assert float(mixskd.mixskd_loss(outputs, s["labels"], mix, **kw)[0]) == 0.0
 
 
+@pytest.mark.slow
 def test_loss_inside_shard_map_equals_the_global_loss(setup):
   """Each of 4 devices holds 2 clean rows and pairs them locally; with axis_name the loss and
   its gradient inside shard_map equal the global loss of the same 4 mix groups."""
@@ -197,6 +200,7 @@ class BatchNormNet(nn.Module):
                                        nn.Dense(C, name="fc_main")(pooled[1])), features=(a, m))
 
 
+@pytest.mark.slow
 def test_users_own_batchnorm_normalizes_clean_and_mixed_together():
   """One forward over [clean; mixed]: Flax's BatchNorm statistics cover all 2B rows, the
   loss trains the network, and eval mode uses the running statistics."""

@@ -120,6 +120,7 @@ def small():
   return model, x, variables
 
 
+@pytest.mark.slow
 def test_small_model_runs_for_real(small):
   """Guards the small MixSKD model end to end: 3 heads of (N,7,7,64) on 28x28x1, finite values."""
   model, x, variables = small
@@ -286,6 +287,7 @@ def test_cifar_init_matches_pytorch_default():
   _check_bn(bn, stats)
 
 
+@pytest.mark.slow
 def test_imagenet_init_matches_torchvision():
   """Guards kaiming fan-out convs in backbone and branches, torch-default fc and self-teacher."""
   kaiming = [
@@ -385,6 +387,7 @@ def _compare_with_torch(flax_module, named, torch_module, x_nhwc, atol=2e-5):
                upd["batch_stats"], ref_stats)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hw", [32, 33])
 def test_imagenet_stem_matches_torch(hw):
   """Guards the 7x7/2 pad-3 conv, BN, ReLU and 3x3/2 pad-1 max-pool against torch (spec A.7)."""
@@ -403,6 +406,7 @@ def test_imagenet_stem_matches_torch(hw):
   _compare_with_torch(stem, named, ref, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hw", [16, 17])
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 def test_stride2_block_matches_torch(kind, hw):
@@ -522,6 +526,7 @@ def test_batchnorm_init_does_not_update_running_stats():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cifar_stem_has_no_relu(small):
   """Guards the official CIFAR quirk: stem = conv + BN without ReLU, so it outputs negatives."""
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
@@ -601,6 +606,7 @@ def test_mixskd_needs_two_stages():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params(small):
   """Guards dtype=bfloat16: the small model runs in bf16 while params and BN stats stay f32."""
   model = build_model("small_resnet", 10, dtype=jnp.bfloat16)
@@ -623,6 +629,7 @@ def test_bfloat16_compute_keeps_float32_params(small):
   assert t.shape == (2, 10) and t.dtype == jnp.bfloat16
 
 
+@pytest.mark.slow
 def test_bfloat16_mixskd_loss_stays_close_to_float32():
   """Guards model.dtype=bfloat16 for training: with the same float32 parameters, batch, lam
   and permutation, the MixSKD loss computed in bfloat16 is within 0.2% of float32's, every term

@@ -12,10 +12,14 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE
 from tests.test_resume import assert_same_params, checkpoint_steps, command, load, run
 from tests.test_resume import prepared_fashion_mnist  # noqa: F401  (autouse: data prepared once)
+
+# Two training processes: the slow tier (pytest --slow).
+pytestmark = pytest.mark.slow
 
 # At lr 0.1 on batches of 16, the float32 rounding by which gloo's all-reduce differs from the
 # in-process one (~1e-7 after a step) grows to ~1e-4 within 4 steps (plain CE too): lr 0.01

@@ -62,7 +62,8 @@ IMAGES = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
 LABELS = jnp.array([0, 3, 4, 3])
 
 
-@pytest.mark.parametrize("pooling,shape", [("spatial_mean", (3, 4, 4)), ("token_mean", (3, 5))])
+@pytest.mark.parametrize("pooling,shape", [
+    pytest.param("spatial_mean", (3, 4, 4), marks=pytest.mark.slow), ("token_mean", (3, 5))])
 def test_heads_equal_linen(pooling, shape):
   channels = (6, 4, 5)  # Linen's default width: the first head's channels
   keys = jax.random.split(jax.random.key(1), 3)
@@ -89,6 +90,7 @@ def test_heads_equal_linen(pooling, shape):
     mnnx.SelfTeacher(15, 7, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_network_heads_and_fresh_branches():
   model = conv_net()
   out = model(IMAGES)
@@ -111,6 +113,7 @@ def test_network_heads_and_fresh_branches():
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_token_backbone_pooling_and_refusals():
   token_stage = lambda rngs: nnx.Sequential(nnx.Linear(8, 8, rngs=rngs), nnx.gelu)
   build = lambda pooling, n=3: mnnx.MixSKDNetwork(
@@ -137,6 +140,7 @@ def test_token_backbone_pooling_and_refusals():
                        pooling="token_mean", rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,frozen", [("reference_cifar", {"self_teacher", "discriminators"}),
                                             ("full", {"discriminators"}),
                                             ("adversarial", set())])
@@ -170,6 +174,7 @@ def test_trainable_filter(variant, frozen):
                  if p[0] == "backbone" and "self_teacher" in p)
 
 
+@pytest.mark.slow
 def test_loss_is_objective_on_one_pass_and_batchnorm_sees_both_views():
   config = objective.ObjectiveConfig.for_variant("full")
   model = conv_net(bn=True)
@@ -207,6 +212,7 @@ def test_loss_is_objective_on_one_pass_and_batchnorm_sees_both_views():
   assert not np.allclose(bn.mean[...], clean_only, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_readme_nnx_example_runs(capsys):
   namespace = {}
   exec(compile(readme_block("nnx-model"), "README nnx-model", "exec"), namespace)

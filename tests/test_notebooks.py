@@ -121,6 +121,7 @@ def test_notebook_is_clean_valid_v4_with_a_smoke_parameter_cell(name):
   assert "parameters" in code_cells[0].metadata.get("tags", [])
 
 
+@pytest.mark.slow
 def test_quickstart(kernel_dir, compilation_cache, tmp_path):
   """Trains the default config (12 smoke steps) to the end, reads its TensorBoard scalars and
   eval history, and reports every head's test top-1."""
@@ -133,6 +134,7 @@ def test_quickstart(kernel_dir, compilation_cache, tmp_path):
   assert math.isfinite(result["train_loss_first"]) and math.isfinite(result["train_loss_last"])
 
 
+@pytest.mark.slow
 def test_own_model_losses(kernel_dir, compilation_cache, tmp_path):
   """A model the library never saw trains with the MixSKD objective: every term is finite, the
   supervised terms go down, the heads beat chance, and the `full` variant's frozen
@@ -149,6 +151,7 @@ def test_own_model_losses(kernel_dir, compilation_cache, tmp_path):
   assert result["discriminators_unchanged"] and not result["network_unchanged"]
 
 
+@pytest.mark.slow
 def test_load_checkpoint_predict(kernel_dir, compilation_cache, tmp_path):
   """(a) The restored Orbax checkpoint is the trained state: same step, same test accuracy,
   and its exported backbone predicts what the MixSKD backbone head predicts. (b) The official
@@ -177,6 +180,7 @@ def test_load_checkpoint_predict(kernel_dir, compilation_cache, tmp_path):
 PACKAGE_FILES = ["pyproject.toml", "requirements.txt", "README.md"]
 
 
+@pytest.mark.slow
 def test_colab_notebook_installs_and_trains_outside_the_checkout(kernel_dir, compilation_cache,
                                                                  tmp_path):
   """colab_own_backbone.ipynb from a runtime without mixskd_jax: its install cell runs

@@ -21,6 +21,7 @@ def readme_block(name):
   return match.group(1)
 
 
+@pytest.mark.slow
 def test_own_model_example_trains(capsys):
   """The 'Use the MixSKD losses in your own Flax model' example runs and takes a step that
   changes the network and the self-teacher but not the (frozen) discriminators."""
@@ -35,6 +36,7 @@ def test_own_model_example_trains(capsys):
   assert "clean_ce" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_staged_backbone_example_trains(capsys):
   """'Your backbone, branches built for you': two steps change the backbone, the branches and
   the self-teacher but not the (frozen) discriminators; the plain network reads the backbone."""
@@ -54,6 +56,7 @@ def test_staged_backbone_example_trains(capsys):
                              model.apply(namespace["variables"], images).logits[-1], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_official_checkpoint_recipe_reproduces_official_step(tmp_path, monkeypatch):
   """Convert (the README command), load, apply in train mode with a given lam and permutation:
   the terms equal the official computation's (rel. 1e-4); with the discriminators added as

@@ -176,6 +176,7 @@ def test_history_drops_records_after_the_resumed_step_and_needs_no_append(
   assert not fake_gcs.misuses
 
 
+@pytest.mark.slow
 def test_training_in_a_gs_workdir_writes_there_and_resumes(fake_gcs, tmp_path):
   """6 steps, then the same workdir to step 8: checkpoints (Orbax: epath + TensorStore),
   config, results, both histories and the TensorBoard events land in the bucket."""

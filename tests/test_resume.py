@@ -20,6 +20,9 @@ from tests.training_configs import tiny_config
 
 RUNNER = os.path.join(os.path.dirname(__file__), "train_runner.py")
 
+# Training runs in fresh processes: the slow tier (pytest --slow).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", autouse=True)
 def prepared_fashion_mnist():

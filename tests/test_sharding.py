@@ -21,6 +21,9 @@ from mixskd_jax.train.optimizer import build_optimizer
 from mixskd_jax.train.state import TrainState
 from mixskd_jax.train.steps import train_step
 
+# Full-model train steps compiled for 1 and 8 devices (float32 and float64): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def run_steps(mesh, config, num_groups, batches, dtype=jnp.float32):
   model = build_model("small_resnet", 10, dtype=dtype)

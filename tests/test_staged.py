@@ -28,6 +28,7 @@ class UserStage(nn.Module):
     return nn.gelu(nn.LayerNorm()(x))
 
 
+@pytest.mark.slow
 def test_user_backbone_from_templates():
   """Template modules become fresh copies: branch k holds stages k+1..S with their own initial
   values and reads the output of backbone stage k; the plain network is the backbone."""
@@ -59,6 +60,7 @@ def test_user_backbone_from_templates():
   np.testing.assert_allclose(logits[0], out.logits[-1], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_templates_and_factories_build_the_same_network():
   x = jnp.ones((2, 8, 8, 3))
   from_templates = mixskd.mixskd_network([UserStage(4), UserStage(8)], 3)
@@ -69,6 +71,7 @@ def test_templates_and_factories_build_the_same_network():
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, a, b))
 
 
+@pytest.mark.slow
 def test_refusals_are_clear():
   with pytest.raises(ValueError, match="at least 2 stages"):
     mixskd.mixskd_network([UserStage(4)], 3).init(jax.random.key(0), jnp.ones((2, 8, 8, 3)))
@@ -82,7 +85,7 @@ def test_refusals_are_clear():
 
 
 @pytest.mark.parametrize("name,feature_shape,teacher_kernel", [
-    ("small_convnext", (4, 4, 128), (1, 1, 384, 128)),
+    pytest.param("small_convnext", (4, 4, 128), (1, 1, 384, 128), marks=pytest.mark.slow),
     ("small_vit", (49, 64), (1, 192, 64)),
 ])
 def test_convnext_and_vit_heads(name, feature_shape, teacher_kernel):
@@ -107,6 +110,7 @@ def test_convnext_and_vit_heads(name, feature_shape, teacher_kernel):
   np.testing.assert_allclose(plain_logits, out.logits[-1], rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,arg", [
     ("fashion_mnist_convnext.py", "smoke"),
     ("fashion_mnist_convnext.py", "reference_cifar,smoke"),

@@ -16,6 +16,9 @@ from tests import torch_reference as R  # noqa: E402
 
 torch.set_num_threads(2)
 
+# Builds the full-size PyTorch models: the slow tier (pytest --slow), run by CI.
+pytestmark = pytest.mark.slow
+
 
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())

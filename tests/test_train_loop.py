@@ -21,6 +21,7 @@ def read_results(workdir):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_fashion_mnist_end_to_end(tmp_path):
   """3 epochs of 4 steps: finite loss, checkpoints at 4/8/12, one eval per epoch, every head
   and the self-teacher evaluated on all 40 test images, results.json complete."""
@@ -57,6 +58,7 @@ def test_train_metrics_name_every_term(tmp_path):
     assert f"train/{term}" in tags, term
 
 
+@pytest.mark.slow
 def test_cifar100_on_mock_data(tmp_path):
   """The CIFAR-100 path (32x32x3, 100 classes) on tfds mock data, plain-CE baseline too."""
   overrides = {"data.name": "cifar100", "num_train_steps": 2, "data.train_examples": None}
@@ -69,6 +71,7 @@ def test_cifar100_on_mock_data(tmp_path):
   assert set(k for k in plain["final"] if k.startswith("eval/top1/")) == {"eval/top1/backbone"}
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   """A run that goes non-finite stops with the step and the term, and the checkpoint from
   before stays the latest (no non-finite state is ever saved)."""
