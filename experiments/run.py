@@ -10,10 +10,16 @@ persistent XLA compilation cache, so seeds 2 and 3 of a method do not compile ag
 Then every main-table method's train step is timed back to back (`--time_steps`; kept in
 `<workdir>/step_timing.json`): the cost column compares methods measured in one window.
 
-Outputs: `--workdir` (default experiments/runs/<suite>) holds one trainer workdir per run,
-`<method>/seed<k>/`; `--results_dir` (default experiments/results/<suite>) receives the
-tables, plots and the record of the command, versions, machine and wall time
-(see experiments/report.py).
+Outputs: `--workdir` (default experiments/runs/<suite>, ignored by git) holds one trainer
+workdir per run, `<method>/seed<k>/`; `--results_dir` receives the tables, plots and the record
+of the command, versions, machine and wall time (see experiments/report.py). Its default: for
+the suites whose reports are committed (COMMITTED_SUITES) experiments/results/<suite>; for the
+others (smoke, cifar100) `<workdir>/report`, inside the ignored runs folder.
+
+The terminal shows each run's progress and evaluation lines (as `python -m mixskd_jax.main`),
+one summary line per finished run, and where the report went. A bad flag or config field, an
+unwritable folder or an offline machine without the dataset ends the command at once with one
+line on stderr and exit status 2.
 
 Paper scale, for machines with accelerators (data from tfds; any config field with --set):
 
@@ -25,18 +31,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from typing import Sequence
 
 from absl import app, flags, logging
 
+if __name__ == "__main__":  # before anything imports TensorFlow (clu, tfds): a quiet start-up
+  from mixskd_jax.train import progress as _progress
+  _progress.quiet_tensorflow_startup()
+
+# pylint: disable=wrong-import-position
 from experiments import protocol, report, timing
+from mixskd_jax import config_schema
+from mixskd_jax.train import preflight, progress
+# pylint: enable=wrong-import-position
 
 _SUITE = flags.DEFINE_string("suite", "fashion_mnist", f"one of {sorted(protocol.SUITES)}")
 _WORKDIR = flags.DEFINE_string("workdir", None, "runs go here (default experiments/runs/<suite>)")
-_RESULTS = flags.DEFINE_string("results_dir", None,
-                               "report goes here (default experiments/results/<suite>)")
+_RESULTS = flags.DEFINE_string(
+    "results_dir", None, "report goes here (default experiments/results/<suite> for the "
+    "committed suites, else <workdir>/report)")
 _SEEDS = flags.DEFINE_list("seeds", None, "override the suite's seeds, e.g. 0,1,2")
 _METHODS = flags.DEFINE_list("methods", None, "only these rows (names from protocol.py)")
 _ABLATIONS = flags.DEFINE_bool("ablations", True, "also train the MixSKD ablations")
@@ -50,6 +66,20 @@ _RETIME = flags.DEFINE_bool("retime", False, "measure the step times again")
 
 TIMING_FILE = "experiment_timing.json"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Suites whose reports are committed under experiments/results/<suite>.
+COMMITTED_SUITES = ("fashion_mnist", "fashion_mnist_long")
+USAGE_ERROR_EXIT_CODE = 2
+
+
+def default_dirs(suite_name: str, workdir: str | None = None,
+                 results_dir: str | None = None) -> tuple[str, str]:
+  """(workdir, results_dir) of a suite: the runs under experiments/runs/<suite>; the report
+  in experiments/results/<suite> for a committed suite, else in `<workdir>/report`."""
+  workdir = workdir or os.path.join(REPO, "experiments", "runs", suite_name)
+  if not results_dir:
+    results_dir = (os.path.join(REPO, "experiments", "results", suite_name)
+                   if suite_name in COMMITTED_SUITES else os.path.join(workdir, "report"))
+  return workdir, results_dir
 
 
 def apply_override(config, assignment: str) -> None:
@@ -57,6 +87,12 @@ def apply_override(config, assignment: str) -> None:
   if "=" not in assignment:
     raise ValueError(f"--set={assignment!r} must look like dotted.field=value.")
   dotted, text = assignment.split("=", 1)
+  unknown = config_schema.unknown_field_error(config, dotted)
+  if unknown:  # "Unknown config field 'a.b'; did you mean 'a.c'? (valid fields of ...)"
+    missing = re.search(r"field '([^']+)'", unknown).group(1)
+    suggestion = re.search(r"did you mean '([^']+)'", unknown)
+    raise ValueError(f"--set={assignment!r}: the config has no field {missing!r}"
+                     + (f"; did you mean {suggestion.group(1)!r}?" if suggestion else "."))
   *parents, leaf = dotted.split(".")
   node = config
   for name in parents:
@@ -127,31 +163,39 @@ def train_all(runs: Sequence[protocol.Run], workdir: str) -> None:
     if is_finished(run_dir):
       logging.info("[%d/%d] %s: finished earlier, skipped.", i + 1, len(runs), run.name)
       continue
-    logging.info("[%d/%d] %s: training.", i + 1, len(runs), run.name)
+    logging.info("[%d/%d] %s: training in %s", i + 1, len(runs), run.name, run_dir)
     t0 = time.time()
     results = train_and_evaluate(run.config, run_dir)
     record_invocation(run_dir, time.time() - t0, results)
-    logging.info("[%d/%d] %s: top-1 %.2f%% in %.0f s.", i + 1, len(runs), run.name,
-                 results.get("final", {}).get("eval/top1/backbone", float("nan")),
-                 time.time() - t0)
+    logging.info("[%d/%d] %s: %s", i + 1, len(runs), run.name, progress.one_line_summary(results))
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  suite = protocol.get_suite(_SUITE.value)
-  workdir = _WORKDIR.value or os.path.join(REPO, "experiments", "runs", suite.name)
-  results_dir = _RESULTS.value or os.path.join(REPO, "experiments", "results", suite.name)
-  runs = selected_runs(suite, _SEEDS.value, _METHODS.value, _ABLATIONS.value)
-  for run in runs:
-    for assignment in _SET.value:
-      apply_override(run.config, assignment)
+  progress.configure_console()
+  try:
+    suite = protocol.get_suite(_SUITE.value)
+    workdir, results_dir = default_dirs(suite.name, _WORKDIR.value, _RESULTS.value)
+    runs = selected_runs(suite, _SEEDS.value, _METHODS.value, _ABLATIONS.value)
+    for run in runs:
+      for assignment in _SET.value:
+        apply_override(run.config, assignment)
+    created = [] if _REPORT_ONLY.value else preflight.check_workdir(workdir)
+  except (ValueError, preflight.PreflightError) as e:  # the command line: one line, status 2
+    print(e, file=sys.stderr, flush=True)
+    return USAGE_ERROR_EXIT_CODE
   t0 = time.time()
   if not _REPORT_ONLY.value:
-    os.makedirs(workdir, exist_ok=True)
     enable_compilation_cache(os.path.join(workdir, ".jax_cache"))
-    train_all(runs, workdir)
+    try:
+      train_all(runs, workdir)
+    except preflight.PreflightError as e:
+      preflight.remove_if_empty(created)
+      print(e, file=sys.stderr, flush=True)
+      return USAGE_ERROR_EXIT_CODE
     if _TIME_STEPS.value > 0:
+      logging.info("Timing %d steps of every main-table method back to back.", _TIME_STEPS.value)
       timing.time_methods(runs, workdir, steps=_TIME_STEPS.value, warmup=_TIME_WARMUP.value,
                           retime=_RETIME.value)
   command = " ".join(["python -m experiments.run"] + sys.argv[1:])
@@ -165,6 +209,7 @@ def main(argv: Sequence[str]) -> None:
   report.write_report(suite, runs, workdir, results_dir, command=command,
                       invocation_wall_time_s=wall_time)
   logging.info("Report written to %s", results_dir)
+  return 0
 
 
 if __name__ == "__main__":

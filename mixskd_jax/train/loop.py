@@ -12,16 +12,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 
 from mixskd_jax import data
-from mixskd_jax.train import builder, distributed, layout, sharding, steps
+from mixskd_jax.train import builder, distributed, layout, preflight, sharding, steps
 from mixskd_jax.train import workdir as workdir_lib
 from mixskd_jax.train.checkpoint import Checkpoints
 from mixskd_jax.train.data_prep import prepare_data
 from mixskd_jax.train.device_prefetch import prefetch_to_device
 from mixskd_jax.train.methods import check_config as check_method_config
 from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE, Preemption
+from mixskd_jax.train.progress import ProgressReporter, format_eval
 from mixskd_jax.train.state import TrainState
 
 HISTORY_FILE = "eval_history.jsonl"
@@ -153,12 +154,12 @@ class Trainer:
         data.train_iterator(cfg, start_step=start, process_index=jax.process_index(),
                             process_count=jax.process_count()),
         sharding.data_sharding(self.mesh), cfg.data.device_prefetch)
-    progress = periodic_actions.ReportProgress(num_train_steps=self.num_steps, writer=writer,
-                                               every_steps=cfg.log_every_steps)
+    progress = ProgressReporter(self.num_steps, every_steps=cfg.log_every_steps, writer=writer)
     buffer, buffer_start = [], start
     timer = _StepTimer()
     done = start  # stays so when the checkpoint is already at num_steps
     preempted = False
+    t_first = time.perf_counter()
     with Preemption(start) as preemption:
       for step in range(start, self.num_steps):
         state, metrics = self.train_step(state, next(batches), self.root_key)
@@ -166,7 +167,8 @@ class Trainer:
         done = step + 1
         if step == start:
           timer.start(state)  # after the first step, which includes compilation
-        progress(done)
+          progress.start(done)
+          logging.info("Compiled and ran the first step in %.1f s.", time.perf_counter() - t_first)
         stop = preemption.should_stop(done)  # the same step in every process
         last = done == self.num_steps
         if done % cfg.log_every_steps == 0 or last or stop or done % cfg.checkpoint_every_steps == 0:
@@ -175,11 +177,15 @@ class Trainer:
           writer.write_scalars(done, means)
           self._append_history(TRAIN_HISTORY_FILE, {"step": done, **means})
           buffer, buffer_start = [], done
+          progress.report(done, means)  # the means waited for the steps: the time is theirs
+        elif progress.due(done) and buffer:  # a line at least every minute on slow runs
+          progress.report(done, jax.tree_util.tree_map(
+              lambda *xs: float(np.mean(xs)), *jax.device_get(buffer)))
         if done % self.steps_per_epoch == 0 and (done // self.steps_per_epoch) % cfg.eval_every_epochs == 0 or last:
-          with timer.excluded(state):
+          with timer.excluded(state), progress.excluded():
             self._record_eval(state, done, writer)
         if done % cfg.checkpoint_every_steps == 0 or last or stop:
-          with timer.excluded(state):
+          with timer.excluded(state), progress.excluded():
             kept = checkpoints.save(done, state)
             for history in self._histories.values():  # a history is as durable as its step
               history.flush()
@@ -199,7 +205,7 @@ class Trainer:
   def _record_eval(self, state, step, writer):
     metrics = self.evaluate(state)
     writer.write_scalars(step, metrics)
-    logging.info("step %s: %s", step, {k: round(v, 3) for k, v in metrics.items()})
+    logging.info("%s", format_eval(step, step / self.steps_per_epoch, metrics))
     self._append_history(HISTORY_FILE, {"step": step, "epoch": step / self.steps_per_epoch,
                                         **metrics})
 
@@ -209,7 +215,8 @@ class Trainer:
   def _results(self, state, wall_time, start, workdir, *, preempted):
     step = int(jax.device_get(state.step))
     history = self._histories[HISTORY_FILE].records
-    results = {"step": step, "finished": step >= self.num_steps, "history": history,
+    results = {"step": step, "num_steps": self.num_steps, "finished": step >= self.num_steps,
+               "history": history,
                # Stopped by SIGTERM before the end, its step checkpointed: rerun to continue
                # (main.py exits with PREEMPTED_EXIT_CODE).
                "preempted": preempted,
@@ -235,5 +242,11 @@ class Trainer:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the results
-  (also written to `<workdir>/results.json`)."""
+  (also written to `<workdir>/results.json`).
+
+  First, before any data is loaded or anything compiled, `preflight.check_run` fails fast
+  (`preflight.PreflightError`, one line) on an unknown config field, a workdir that cannot be
+  written, or a dataset that needs a download on a machine that is offline.
+  """
+  preflight.check_run(config, workdir)
   return Trainer(config, workdir).run()

@@ -1,0 +1,274 @@
+"""Checks that fail a run in seconds, before any data is loaded or anything is compiled.
+
+`check_run(config, workdir)` (called first thing by `train_and_evaluate`):
+
+* every field of the config is one the trainer knows (a typo in Python code that set
+  `config.optimizer.lr` would otherwise be ignored silently);
+* the workdir can be created and written (`check_workdir`): not under a file, not read-only;
+* the dataset is prepared, or can be prepared here (`check_dataset`): a dataset that tfds
+  would download, on a machine that cannot reach the download host, fails at once with what
+  to do, instead of tfds retrying for minutes and leaving empty folders behind. The probe is a
+  3-second TCP connect to the download host (or to the configured HTTP(S) proxy); with the
+  network there, downloading stays the default. `MIXSKD_ASSUME_OFFLINE=1` skips the probe and
+  treats the machine as offline (tests, air-gapped clusters).
+
+Each failure is a `PreflightError` with a one-line message (`mixskd_jax.main` prints it without
+a traceback and exits with status 2). The dataset errors are also the data package's own
+error types (`DatasetUnavailableError`, `FashionMNISTMissingError`), so code that catches
+those keeps working.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import tempfile
+import threading
+import urllib.parse
+import urllib.request
+from typing import Iterable
+
+import ml_collections
+
+from mixskd_jax import config_schema
+from mixskd_jax.train import workdir as workdir_lib
+
+OFFLINE_ENV = "MIXSKD_ASSUME_OFFLINE"
+PROBE_TIMEOUT_S = 3.0
+
+
+class PreflightError(Exception):
+  """A run cannot start; the message is one line that says why and what to do."""
+
+
+class ConfigFieldError(PreflightError, ValueError):
+  """The config has a field the trainer does not know."""
+
+
+class WorkdirError(PreflightError, OSError):
+  """The workdir cannot be created or written."""
+
+
+def _fields(node, prefix: str = "") -> Iterable[str]:
+  for key, value in node.items():
+    yield prefix + key
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from _fields(value, f"{prefix}{key}.")
+
+
+def check_config_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigFieldError for the first field of `config` that the schema
+  (`config_schema.base_config()`) does not have, naming the closest valid one."""
+  schema = config_schema.base_config()
+  for dotted in _fields(config):
+    message = config_schema.unknown_field_error(schema, dotted)
+    if message:
+      raise ConfigFieldError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workdir.
+
+def check_workdir(workdir: str) -> list[str]:
+  """Creates the (local) workdir and writes and removes a file in it.
+
+  Returns:
+    The directories this call created, outermost first (for `remove_if_empty`).
+
+  Raises:
+    WorkdirError: under a file, read-only, or any other OSError, in one line with the fix.
+    ValueError: an unsupported URI scheme (from `workdir.resolve`).
+  """
+  path = workdir_lib.resolve(workdir)
+  if not workdir_lib.is_local(path):
+    return []  # gs://: the bucket's permissions show at the first write; no cheap probe
+  path = os.fspath(path)
+  missing, parent = [], path
+  while not os.path.exists(parent):
+    missing.append(parent)
+    up = os.path.dirname(parent)
+    if up == parent:
+      break
+    parent = up
+  if os.path.exists(parent) and not os.path.isdir(parent):
+    if parent == path:
+      raise WorkdirError(f"--workdir={workdir} is a file, not a directory: choose another "
+                         "--workdir.")
+    raise WorkdirError(f"--workdir={workdir} is under a file: {parent} is a file, not a "
+                       "directory; choose another --workdir, or move that file away.")
+  created, writing = [], parent
+  try:
+    for directory in reversed(missing):
+      os.mkdir(directory)
+      created.append(directory)
+      writing = directory
+    writing = path
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".mixskd_write_check_"):
+      pass
+  except OSError as e:
+    remove_if_empty(created)
+    if isinstance(e, PermissionError) or e.errno == errno.EROFS:
+      fix = f"choose a --workdir you can write to, or make {writing} writable"
+    else:
+      fix = "choose another --workdir"
+    raise WorkdirError(f"--workdir={workdir} cannot be created or written ({e.strerror or e} "
+                       f"in {writing}): {fix}.") from e
+  return created
+
+
+def remove_if_empty(directories: Iterable[str]) -> None:
+  """Removes these directories, innermost first, where they are (still) empty."""
+  for directory in sorted(directories, key=len, reverse=True):
+    try:
+      os.rmdir(directory)
+    except OSError:
+      pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset.
+
+def assume_offline() -> bool:
+  return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+
+
+def _probe_target(url: str) -> tuple[str, int]:
+  """(host, port) a download of `url` connects to first: the proxy when one is configured."""
+  parsed = urllib.parse.urlparse(url)
+  host = parsed.hostname or ""
+  port = parsed.port or (443 if parsed.scheme == "https" else 80)
+  proxies = urllib.request.getproxies()
+  proxy = proxies.get(parsed.scheme)
+  if proxy and not urllib.request.proxy_bypass(host):
+    p = urllib.parse.urlparse(proxy if "://" in proxy else "http://" + proxy)
+    return p.hostname or host, p.port or 80
+  return host, port
+
+
+def reachable(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+  """Whether a TCP connection to `url`'s host (or proxy) opens within `timeout_s` (name
+  resolution included: it runs in a thread that is abandoned when it overruns)."""
+  host, port = _probe_target(url)
+  result = []
+
+  def attempt():
+    try:
+      socket.create_connection((host, port), timeout=timeout_s).close()
+      result.append(True)
+    except OSError:
+      result.append(False)
+
+  thread = threading.Thread(target=attempt, daemon=True)
+  thread.start()
+  thread.join(timeout_s + 1.0)
+  return bool(result) and result[0]
+
+
+def _directories(root: str, depth: int = 3) -> set:
+  """The directories under `root`, `depth` levels down (tfds's folders are shallow)."""
+  found = set()
+  if not os.path.isdir(root):
+    return found
+  level = [root]
+  for _ in range(depth + 1):
+    found.update(level)
+    nxt = []
+    for directory in level:
+      try:
+        with os.scandir(directory) as entries:
+          nxt += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+      except OSError:
+        pass
+    level = nxt
+  return found
+
+
+def _download_is_tfds_own(builder) -> bool:
+  """False when `download_and_prepare` was replaced (tfds.testing.mock_data, tests' offline
+  fixtures): then whatever replaced it decides, not the network."""
+  method = getattr(type(builder), "download_and_prepare", None)
+  return getattr(method, "__module__", "").startswith("tensorflow_datasets.core")
+
+
+_OFFLINE_ERRORS = {}
+
+
+def offline_error_types() -> tuple[type, type]:
+  """(OfflineDatasetError, OfflineFashionMNISTError): PreflightErrors that are also
+  `data.DatasetUnavailableError` and `data.FashionMNISTMissingError` (built on first use: the
+  data package imports TensorFlow)."""
+  if not _OFFLINE_ERRORS:
+    from mixskd_jax.data.fashion_mnist_local import FashionMNISTMissingError  # pylint: disable=import-outside-toplevel
+    from mixskd_jax.data.sources import DatasetUnavailableError  # pylint: disable=import-outside-toplevel
+    _OFFLINE_ERRORS["dataset"] = type("OfflineDatasetError",
+                                      (PreflightError, DatasetUnavailableError), {})
+    _OFFLINE_ERRORS["fashion_mnist"] = type("OfflineFashionMNISTError",
+                                            (PreflightError, FashionMNISTMissingError), {})
+  return _OFFLINE_ERRORS["dataset"], _OFFLINE_ERRORS["fashion_mnist"]
+
+
+def check_dataset(data_config: ml_collections.ConfigDict) -> None:
+  """Raises (a PreflightError that is also the data package's error) when `config.data`'s
+  dataset is not prepared, needs a download and the download host cannot be reached.
+
+  Mirrors `data.sources.get_builder`'s order: prepared tfds data, then (Fashion-MNIST) the
+  local IDX files, then a tfds download. ImageNet builds from `manual_dir` and never
+  downloads, so it is left to tfds. Creates no folder in the data_dir (a failing check removes
+  any empty one that appeared while it looked).
+  """
+  from mixskd_jax.data import datasets  # pylint: disable=import-outside-toplevel
+  spec = datasets.get_spec(data_config.name)
+  if spec.name == "imagenet2012":
+    return
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.data import fashion_mnist_local  # pylint: disable=import-outside-toplevel
+  root = os.path.expanduser(data_config.data_dir or tfds.core.constants.DATA_DIR)
+  existed = os.path.exists(root)
+  before = _directories(root)
+  builder = tfds.builder(spec.tfds_name, data_dir=data_config.data_dir)
+  if builder.is_prepared():
+    return
+  idx_dir = data_config.idx_dir or fashion_mnist_local.DEFAULT_IDX_DIR
+  if spec.name == "fashion_mnist" and fashion_mnist_local.has_idx_files(idx_dir):
+    return
+  urls = list(getattr(builder, "url_infos", None) or {})
+  if not urls or not _download_is_tfds_own(builder):
+    return  # nothing known to probe, or tfds is mocked: get_builder decides
+  if not assume_offline() and reachable(urls[0]):
+    return  # online: tfds downloads it
+  # Offline: nothing of this check stays in the data_dir.
+  remove_if_empty(_directories(root) - before)
+  if not existed:
+    remove_if_empty([root])
+  host, port = _probe_target(urls[0])
+  why = (f"{OFFLINE_ENV} is set" if assume_offline()
+         else f"cannot connect to {host}:{port}")
+  offline_dataset, offline_fashion_mnist = offline_error_types()
+  if spec.name == "fashion_mnist":
+    missing = ", ".join(fashion_mnist_local.IDX_FILES.values())
+    raise offline_fashion_mnist(
+        f"Fashion-MNIST is not prepared in tfds data_dir {builder.data_dir_root}, the IDX files "
+        f"({missing}) are not all in {idx_dir}, and this machine is offline ({why}), so tfds "
+        "cannot download it. Fix one of: apt-get install dataset-fashion-mnist (IDX files in "
+        f"{fashion_mnist_local.DEFAULT_IDX_DIR}); or --config.data.idx_dir=DIR with the 4 IDX "
+        "files; or --config.data.data_dir=DIR where fashion_mnist is prepared.")
+  raise offline_dataset(
+      f"Dataset {spec.name} is not prepared in tfds data_dir {builder.data_dir_root}, and this "
+      f"machine is offline ({why}), so tfds cannot download it. Prepare it where there is "
+      f"network (tfds build {spec.tfds_name} --data_dir=DIR, or this same command) and set "
+      "--config.data.data_dir=DIR to that folder; or run here with network access.")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def check_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Every check, cheapest first: config fields, workdir, dataset. A workdir this call created
+  is removed again when a later check fails."""
+  check_config_fields(config)
+  created = check_workdir(workdir)
+  try:
+    check_dataset(config.data)
+  except PreflightError:
+    remove_if_empty(created)
+    raise
