@@ -176,8 +176,9 @@ def test_load_checkpoint_predict(kernel_dir, compilation_cache, tmp_path):
 
 
 # What `pip install <source folder>` reads besides the package (pyproject.toml's readme and
-# its dynamic dependencies file).
-PACKAGE_FILES = ["pyproject.toml", "requirements.txt", "README.md"]
+# its dynamic dependencies files).
+PACKAGE_FILES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-cpu.txt",
+                 "requirements-torch.txt"]
 
 
 @pytest.mark.slow
