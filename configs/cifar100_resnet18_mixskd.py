@@ -1,20 +1,6 @@
-r"""MixSKD, CIFAR-100, ResNet-18: the paper's recipe (spec §C.1, `mixskd_jax.recipes.cifar`).
+"""`--config=configs/cifar100_resnet18_mixskd.py` in a checkout. The config itself is
+`mixskd_jax/configs/cifar100_resnet18_mixskd.py`, shipped with the package (`from mixskd_jax.configs
+import cifar100_resnet18_mixskd`); its docstring gives the command, the expected result and the
+time."""
 
-The objective variant is selectable after the path: `reference_cifar` reproduces the official
-CIFAR script exactly; `full` (default) is the ImageNet script's objective; `adversarial`
-trains the discriminators.
-
-  python -m mixskd_jax.main --config=configs/cifar100_resnet18_mixskd.py:reference_cifar \
-      --workdir=/tmp/c100_r18_mixskd
-
-Expected: the official README reports 80.32% top-1 for the official script (best epoch on
-the test set, max over the 4 heads: `best_max_over_heads_reference_protocol` in
-results.json; the backbone head alone is `best_backbone_top1`).
-Time: not measured (no GPU in development); a MixSKD step costs ~5x a plain ResNet-18 step.
-"""
-
-from mixskd_jax import config_schema, recipes
-
-
-def get_config(arg: str = ""):
-  return config_schema.finalize(recipes.cifar("cifar_resnet18"), arg)
+from mixskd_jax.configs.cifar100_resnet18_mixskd import get_config  # noqa: F401

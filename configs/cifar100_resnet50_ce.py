@@ -1,13 +1,5 @@
-r"""Plain cross-entropy, CIFAR-100, the MixSKD ResNet-50 backbone, same recipe as MixSKD.
+"""`--config=configs/cifar100_resnet50_ce.py` in a checkout. The config itself is
+`mixskd_jax/configs/cifar100_resnet50_ce.py`, shipped with the package (`from mixskd_jax.configs
+import cifar100_resnet50_ce`); its docstring gives the command, the expected result and the time."""
 
-  python -m mixskd_jax.main --config=configs/cifar100_resnet50_ce.py --workdir=/tmp/c100_r50_ce
-
-Expected: not measured; the old official CE baseline for a CIFAR ResNet-50 was 77.79%.
-Time: not measured (no GPU in development).
-"""
-
-from mixskd_jax import config_schema, recipes
-
-
-def get_config(arg: str = ""):
-  return config_schema.finalize(recipes.cifar("cifar_resnet50", mixskd=False), arg)
+from mixskd_jax.configs.cifar100_resnet50_ce import get_config  # noqa: F401

@@ -1,14 +1,6 @@
-r"""MixSKD, CIFAR-100, ResNet-50 (CIFAR stem, Bottleneck [3,4,6,3]) with the CIFAR recipe.
+"""`--config=configs/cifar100_resnet50_mixskd.py` in a checkout. The config itself is
+`mixskd_jax/configs/cifar100_resnet50_mixskd.py`, shipped with the package (`from mixskd_jax.configs
+import cifar100_resnet50_mixskd`); its docstring gives the command, the expected result and the
+time."""
 
-  python -m mixskd_jax.main --config=configs/cifar100_resnet50_mixskd.py --workdir=/tmp/c100_r50
-
-Expected: no official MixSKD number for this network was retrieved (spec §E.2); the old
-official CE baseline for a (different) CIFAR ResNet-50 was 77.79%.
-Time: not measured (no GPU in development).
-"""
-
-from mixskd_jax import config_schema, recipes
-
-
-def get_config(arg: str = ""):
-  return config_schema.finalize(recipes.cifar("cifar_resnet50"), arg)
+from mixskd_jax.configs.cifar100_resnet50_mixskd import get_config  # noqa: F401

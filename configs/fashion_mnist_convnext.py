@@ -1,23 +1,6 @@
-r"""MixSKD (`full`) on a ConvNeXt-style backbone (LayerNorm, no BatchNorm), Fashion-MNIST.
+"""`--config=configs/fashion_mnist_convnext.py` in a checkout. The config itself is
+`mixskd_jax/configs/fashion_mnist_convnext.py`, shipped with the package (`from mixskd_jax.configs
+import fashion_mnist_convnext`); its docstring gives the command, the expected result and the
+time."""
 
-An example of MixSKD on a backbone that is not a ResNet (`models/convnext.py`, built into the
-MixSKD network by `models/staged.py`). Offline on a 2-core CPU:
-
-  python -m mixskd_jax.main --config=configs/fashion_mnist_convnext.py --workdir=/tmp/fm_convnext
-  python -m mixskd_jax.main --config=configs/fashion_mnist_convnext.py:cross_entropy \
-      --workdir=/tmp/fm_convnext_ce
-
-Recipe: `recipes.fashion_mnist_staged` (30,000 images, 3 epochs, lr 0.1).
-
-Expected (measured once, seed 0, README "Beyond ResNets"): backbone head
-76.11% (branch 1 80.26%, self-teacher 80.12%); its CE twin 80.85%.
-Time on the 2-core development machine, cores shared with other jobs:
-23 min 49 s (CE 11 min 38 s).
-"""
-
-from mixskd_jax import config_schema, recipes
-
-
-def get_config(arg: str = ""):
-  return config_schema.finalize(
-      recipes.fashion_mnist_staged("small_convnext", learning_rate=0.1), arg)
+from mixskd_jax.configs.fashion_mnist_convnext import get_config  # noqa: F401

@@ -10,7 +10,7 @@
 The network with branches built for any staged Linen backbone: `mixskd_network`; its
 training-only heads: `SelfTeacher`, `FeatureDiscriminators`; what a variant trains:
 `parameter_partition` / `trainable_mask`. NNX models: `mixskd_jax.nnx`. The trainer, data
-pipelines and configs live in `mixskd_jax.train`, `mixskd_jax.data` and `configs/`.
+pipelines and configs live in `mixskd_jax.train`, `mixskd_jax.data` and `mixskd_jax.configs`.
 Importing this package only imports JAX, Flax and optax: no side effects.
 """
 

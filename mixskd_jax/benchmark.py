@@ -354,8 +354,9 @@ if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+      "config", None, "Path to a config file: configs/NAME.py in a checkout, or the one "
+      "`python -m mixskd_jax.configs NAME` prints.", lock_config=True)
   flags.mark_flags_as_required(["config"])
   flags.DEFINE_integer("steps", 10, "Timed steps (after --warmup); 0: compile and analyse only.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")

@@ -32,8 +32,9 @@ USAGE_ERROR_EXIT_CODE = 2
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.")
 flags.mark_flags_as_required(["workdir"])
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file: configs/NAME.py in a checkout, or the one "
+    "`python -m mixskd_jax.configs NAME` prints.", lock_config=True)
 
 
 def _flag_values(argv: list[str]) -> tuple[str | None, list[str]]:

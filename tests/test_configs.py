@@ -1,23 +1,32 @@
-"""Every config in configs/ loads the way `--config=path[:args]` loads it, carries the recipe
-the spec gives, and its `:smoke` version trains end to end (CIFAR on tfds mock data)."""
+"""Every config loads the way `--config=path[:args]` loads it, carries the recipe the spec
+gives, and its `:smoke` version trains end to end (CIFAR on tfds mock data).
+
+The configs live in the package, `mixskd_jax/configs/` (so that an installed package, e.g. on
+Colab, has them); `configs/*.py` at the repository root re-export them for the commands
+`--config=configs/NAME.py`."""
 
 import glob
 import os
+import re
 
 import pytest
 import tensorflow_datasets as tfds
 from ml_collections import config_flags
 
+from mixskd_jax import configs as package_configs
+from mixskd_jax import main as cli
 from mixskd_jax.train import layout
 from mixskd_jax.train.loop import train_and_evaluate
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+CONFIG_DIR = os.path.join(REPO, "configs")
+PACKAGE_CONFIG_DIR = os.path.join(REPO, "mixskd_jax", "configs")
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")))
 
 
-def load(name, arg=""):
+def load(name, arg="", config_dir=CONFIG_DIR):
   """The config exactly as `--config=configs/<name>[:arg]` builds it."""
-  path = os.path.join(CONFIG_DIR, name) + (f":{arg}" if arg else "")
+  path = os.path.join(config_dir, name) + (f":{arg}" if arg else "")
   return config_flags.config_flags._ConfigFileParser(name="config").parse(path)
 
 
@@ -26,15 +35,50 @@ def test_the_expected_configs_exist():
                      "cifar100_resnet50_ce.py", "cifar100_resnet50_mixskd.py", "default.py",
                      "fashion_mnist_convnext.py", "fashion_mnist_vit.py",
                      "imagenet_resnet50_ce.py", "imagenet_resnet50_mixskd.py"]
+  assert [f"{name}.py" for name in package_configs.names()] == CONFIGS
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_documents_its_command_and_expectation(name):
-  with open(os.path.join(CONFIG_DIR, name)) as f:
+  """The docstring is in the package's module (what an installed package has)."""
+  with open(os.path.join(PACKAGE_CONFIG_DIR, name)) as f:
     doc = f.read().split('"""')[1]
   assert f"--config=configs/{name}" in doc, "the command"
   assert "Expected" in doc, "the expected result"
   assert "Time" in doc or " min " in doc, "what it costs"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_checkouts_configs_are_the_packages(name):
+  """configs/NAME.py only re-exports mixskd_jax/configs/NAME.py's get_config (one source), and
+  `--config=` builds the same config from either file, arguments included."""
+  with open(os.path.join(CONFIG_DIR, name)) as f:
+    code = f.read().split('"""')[2]
+  statements = [line for line in code.splitlines() if line.strip() and not line.startswith("#")]
+  assert statements == [f"from mixskd_jax.configs.{name[:-3]} import get_config  # noqa: F401"]
+  for arg in ("", "smoke"):
+    assert load(name, arg).to_dict() == load(name, arg, PACKAGE_CONFIG_DIR).to_dict()
+
+
+def test_package_config_paths_work_on_the_command_line(capsys):
+  """`mixskd_jax.configs.path(NAME)` (printed by `python -m mixskd_jax.configs NAME`) is a
+  file that `--config=` takes, with arguments and overrides checked as for configs/NAME.py."""
+  path = package_configs.path("default")
+  assert path == package_configs.path("default.py") == os.path.join(PACKAGE_CONFIG_DIR,
+                                                                    "default.py")
+  assert load("default.py", "smoke", PACKAGE_CONFIG_DIR).num_train_steps == 4
+  assert cli.check_command_line(["main", f"--config={path}:smoke", "--workdir=/tmp/x"]) is None
+  message = cli.check_command_line(["main", f"--config={path}", "--config.batch_sise=8"])
+  assert message and "batch_size" in message
+  with pytest.raises(ValueError, match="Unknown config 'nope'; the configs are: .*default"):
+    package_configs.path("nope")
+  from mixskd_jax.configs import __main__ as configs_main  # pylint: disable=import-outside-toplevel
+  assert configs_main.main(["configs", "fashion_mnist_vit"]) == 0
+  assert capsys.readouterr().out == package_configs.path("fashion_mnist_vit") + "\n"
+  assert configs_main.main(["configs"]) == 0
+  listed = capsys.readouterr().out.splitlines()
+  assert [re.split(r"\s+", line) for line in listed] == [
+      [name, package_configs.path(name)] for name in package_configs.names()]
 
 
 def test_cifar_recipe_is_the_papers():

@@ -1,10 +1,14 @@
 """The notebooks in experiments/notebooks run top to bottom (at their smoke settings) and report
 what they claim: each ends with a `NOTEBOOK_RESULT {json}` line that is checked here.
 
-Each notebook runs in a fresh python3 kernel of this interpreter, started in the notebooks'
-folder as Jupyter would start it, with MIXSKD_NOTEBOOK_SMOKE=1 and the Agg matplotlib backend.
-colab_own_backbone.ipynb instead starts outside the checkout, with mixskd_jax not importable,
-and installs the package itself.
+Each notebook runs in a fresh python3 kernel of this interpreter, with MIXSKD_NOTEBOOK_SMOKE=1
+and the Agg matplotlib backend, and makes `import mixskd_jax` work with its own install cell.
+Most start outside the checkout, as on Colab, with mixskd_jax not importable: the install cell
+pip installs a copy of the package (MIXSKD_SOURCE) into a temporary prefix, and the notebook
+runs on that installed copy (configs included). load_checkpoint_predict.ipynb runs both there
+and in the notebooks' folder of the checkout, as Jupyter would start it there, where the
+install cell imports the checkout as it is and the notebook checks the conversion of an
+official checkpoint against the checkout's PyTorch model (tests/torch_reference.py).
 """
 
 import importlib.util
@@ -58,7 +62,8 @@ def compilation_cache(tmp_path_factory):
 
 
 def kernel_environment(output_dir, cache_dir, changes=None):
-  """The kernel's environment: smoke settings, headless matplotlib, the repository importable.
+  """The kernel's environment: smoke settings, headless matplotlib (and, as a user's kernel,
+  no path to the checkout: the notebooks' install cells make mixskd_jax importable).
 
   changes: variables to set on top (a value None removes the variable).
   """
@@ -73,7 +78,6 @@ def kernel_environment(output_dir, cache_dir, changes=None):
              MPLBACKEND="Agg", TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
   for key, value in (changes or {}).items():
     if value is None:
       env.pop(key, None)
@@ -121,11 +125,75 @@ def test_notebook_is_clean_valid_v4_with_a_smoke_parameter_cell(name):
   assert "parameters" in code_cells[0].metadata.get("tags", [])
 
 
+# What `pip install <source folder>` reads besides the package (pyproject.toml's readme and
+# its dynamic dependencies files).
+PACKAGE_FILES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-cpu.txt",
+                 "requirements-torch.txt"]
+
+
+@pytest.fixture(scope="module")
+def package_source(tmp_path_factory):
+  """A copy of the package as a source folder for the install cells' `pip install`: pip builds
+  a source folder in place (build/, *.egg-info), so it gets a copy instead of the checkout."""
+  source = tmp_path_factory.mktemp("source")
+  shutil.copytree(os.path.join(REPO, "mixskd_jax"), source / "mixskd_jax",
+                  ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+  for name in PACKAGE_FILES:
+    shutil.copy(os.path.join(REPO, name), source / name)
+  return str(source)
+
+
+def mixskd_jax_preinstalled(env, cwd):
+  """Whether a kernel with this environment imports mixskd_jax before any install cell runs
+  (e.g. after `pip install -e .`): then the install cell has nothing to do."""
+  probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; "
+                          "print(u.find_spec('mixskd_jax') is not None)"],
+                         cwd=cwd, env=env, check=True, capture_output=True, text=True)
+  return probe.stdout.strip() != "False"
+
+
+class Outside:
+  """A kernel started outside the checkout (as on Colab), whose install cell pip installs
+  `source` into a fresh temporary prefix instead of the environment.
+
+  cwd: the kernel's working directory; env: `kernel_environment`'s changes; site: the prefix's
+  site-packages (on the kernel's PYTHONPATH, empty until the install cell runs); preinstalled:
+  mixskd_jax is importable anyway (this interpreter has it installed), so the install cell
+  skips.
+  """
+
+  def __init__(self, tmp_path, source, cache_dir):
+    # PIP_PREFIX, not PIP_TARGET: pip passes PIP_TARGET on to the subprocess that installs the
+    # build requirements (build isolation), which then fails ("Cannot set --home and --prefix").
+    prefix = tmp_path / "prefix"
+    self.site = sysconfig.get_path("purelib", sysconfig.get_preferred_scheme("prefix"),  # pip's
+                                   vars={"base": str(prefix), "platbase": str(prefix)})
+    os.makedirs(self.site)
+    self.cwd = tmp_path / "outside"  # the kernel's working directory: outside the checkout
+    self.cwd.mkdir()
+    self.env = {"MIXSKD_SOURCE": source, "PIP_PREFIX": str(prefix), "PYTHONPATH": self.site,
+                "PYTHONNOUSERSITE": "1", "PIP_TARGET": None, "PIP_USER": None}
+    self.preinstalled = mixskd_jax_preinstalled(
+        kernel_environment(tmp_path, cache_dir, self.env), self.cwd)
+
+  def assert_installed_here(self, path):
+    """`path` (a module's file or folder) is in the package the install cell installed."""
+    if not self.preinstalled:
+      package = os.path.realpath(os.path.join(self.site, "mixskd_jax"))
+      assert os.path.commonpath([os.path.realpath(path), package]) == package, path
+
+
 @pytest.mark.slow
-def test_quickstart(kernel_dir, compilation_cache, tmp_path):
-  """Trains the default config (12 smoke steps) to the end, reads its TensorBoard scalars and
-  eval history, and reports every head's test top-1."""
-  result = run_notebook("quickstart.ipynb", kernel_dir, compilation_cache, tmp_path)
+def test_quickstart(kernel_dir, compilation_cache, package_source, tmp_path):
+  """From outside the checkout: the install cell installs the package with its dependencies,
+  and the notebook trains the package's default config (12 smoke steps) to the end, reads its
+  TensorBoard scalars and eval history, and reports every head's test top-1."""
+  outside = Outside(tmp_path, package_source, compilation_cache)
+  result = run_notebook("quickstart.ipynb", kernel_dir, compilation_cache, tmp_path,
+                        cwd=outside.cwd, env=outside.env)
+  outside.assert_installed_here(result["installed_from"])
+  outside.assert_installed_here(result["config_file"])  # the configs come with the package
+  assert os.path.basename(result["config_file"]) == "default.py"
   assert result["finished"] and result["steps"] == 12
   assert result["eval_points"] == 3  # 4 steps per epoch at smoke settings
   assert set(result["top1"]) == {"backbone", "branch1", "branch2", "self_teacher"}
@@ -135,11 +203,14 @@ def test_quickstart(kernel_dir, compilation_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_own_model_losses(kernel_dir, compilation_cache, tmp_path):
-  """A model the library never saw trains with the MixSKD objective: every term is finite, the
-  supervised terms go down, the heads beat chance, and the `full` variant's frozen
-  discriminators do not move."""
-  result = run_notebook("own_model_losses.ipynb", kernel_dir, compilation_cache, tmp_path)
+def test_own_model_losses(kernel_dir, compilation_cache, package_source, tmp_path):
+  """From outside the checkout, on the installed package: a model the library never saw
+  trains with the MixSKD objective: every term is finite, the supervised terms go down, the
+  heads beat chance, and the `full` variant's frozen discriminators do not move."""
+  outside = Outside(tmp_path, package_source, compilation_cache)
+  result = run_notebook("own_model_losses.ipynb", kernel_dir, compilation_cache, tmp_path,
+                        cwd=outside.cwd, env=outside.env)
+  outside.assert_installed_here(result["installed_from"])
   assert result["variant"] == "full"
   for window in ("first", "last"):
     assert all(math.isfinite(v) for v in result[window].values()), result[window]
@@ -152,73 +223,67 @@ def test_own_model_losses(kernel_dir, compilation_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_load_checkpoint_predict(kernel_dir, compilation_cache, tmp_path):
+@pytest.mark.parametrize("where", ["checkout", "outside"])
+def test_load_checkpoint_predict(where, kernel_dir, compilation_cache, package_source,
+                                 tmp_path):
   """(a) The restored Orbax checkpoint is the trained state: same step, same test accuracy,
   and its exported backbone predicts what the MixSKD backbone head predicts. (b) The official
   layout file converts, and our converted model's logits (every head and the self-teacher, in
-  eval mode) equal an independent PyTorch model's, or, without PyTorch, the weights the .npz
-  stand-in was made from."""
-  result = run_notebook("load_checkpoint_predict.ipynb", kernel_dir, compilation_cache, tmp_path)
+  eval mode) equal an independent PyTorch model's, or, without PyTorch or without a checkout
+  (where the notebook has no tests/torch_reference.py: the `outside` run, as on Colab), the
+  weights the .npz stand-in was made from.
+
+  `checkout`: Jupyter started in the notebooks' folder of a checkout that is not installed;
+  the install cell imports the checkout."""
+  if where == "outside":
+    outside = Outside(tmp_path, package_source, compilation_cache)
+    cwd, env = outside.cwd, outside.env
+  else:
+    cwd, env = NOTEBOOK_DIR, None
+  result = run_notebook("load_checkpoint_predict.ipynb", kernel_dir, compilation_cache,
+                        tmp_path, cwd=cwd, env=env)
+  if where == "outside":
+    outside.assert_installed_here(result["installed_from"])
+  elif not mixskd_jax_preinstalled(kernel_environment(tmp_path, compilation_cache), tmp_path):
+    assert os.path.realpath(result["installed_from"]) == os.path.realpath(
+        os.path.join(REPO, "mixskd_jax"))
   assert result["restored_step"] == result["trained_step"] == 8
   assert result["restored_top1"] == pytest.approx(result["results_top1"], abs=1e-6)
   assert_accuracy(result["restored_top1"])
   assert_accuracy(result["batch_top1"])
   assert result["backbone_export_max_abs_diff"] <= 1e-5
   assert result["stand_in"] and result["num_heads_compared"] == 5
-  if _has_torch():
+  if _has_torch() and where == "checkout":
+    assert result["torch_reference"]
     assert (result["stand_in_format"], result["reference"]) == ("pth", "pytorch")
     assert result["max_rel_diff"] <= 1e-4
   else:
+    assert not result["torch_reference"]
     assert (result["stand_in_format"], result["reference"]) == ("npz", "flax_roundtrip")
     assert result["max_rel_diff"] == 0.0
   assert len(result["predicted_classes"]) == 8
   assert all(0 <= c < 100 for c in result["predicted_classes"])  # CIFAR-100 classes
 
 
-# What `pip install <source folder>` reads besides the package (pyproject.toml's readme and
-# its dynamic dependencies files).
-PACKAGE_FILES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-cpu.txt",
-                 "requirements-torch.txt"]
-
-
 @pytest.mark.slow
 def test_colab_notebook_installs_and_trains_outside_the_checkout(kernel_dir, compilation_cache,
-                                                                 tmp_path):
+                                                                 package_source, tmp_path):
   """colab_own_backbone.ipynb from a runtime without mixskd_jax: its install cell runs
   `pip install --no-deps $MIXSKD_SOURCE` (here a copy of this checkout, into a temporary
   prefix instead of the environment), then it trains a ConvNet of its own with MixSKD: the loss
   goes down, every head and the self-teacher beat chance on Fashion-MNIST, and the `full`
   variant's frozen discriminators do not move."""
-  # pip builds a source folder in place (build/, *.egg-info): give it a copy of the package.
-  source = tmp_path / "source"
-  shutil.copytree(os.path.join(REPO, "mixskd_jax"), source / "mixskd_jax",
-                  ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-  for name in PACKAGE_FILES:
-    shutil.copy(os.path.join(REPO, name), source / name)
-  # PIP_PREFIX, not PIP_TARGET: pip passes PIP_TARGET on to the subprocess that installs the
-  # build requirements (build isolation), which then fails ("Cannot set --home and --prefix").
-  prefix = tmp_path / "prefix"
-  site = sysconfig.get_path("purelib", sysconfig.get_preferred_scheme("prefix"),  # pip's choice
-                            vars={"base": str(prefix), "platbase": str(prefix)})
-  os.makedirs(site)
-  workdir = tmp_path / "colab"  # the kernel's working directory: outside the checkout
-  workdir.mkdir()
-  env = {"MIXSKD_SOURCE": str(source), "PIP_PREFIX": str(prefix), "PYTHONPATH": site,
-         "PYTHONNOUSERSITE": "1", "PIP_TARGET": None, "PIP_USER": None}
-  probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; "
-                          "print(u.find_spec('mixskd_jax') is not None)"],
-                         cwd=workdir, env=kernel_environment(tmp_path, compilation_cache, env),
-                         check=True, capture_output=True, text=True)
-  if probe.stdout.strip() != "False":
+  outside = Outside(tmp_path, package_source, compilation_cache)
+  if outside.preinstalled:
     pytest.skip("mixskd_jax is installed in this interpreter (e.g. `pip install -e .`), so the "
                 "notebook would not install it: this test needs an environment without it.")
 
   result = run_notebook("colab_own_backbone.ipynb", kernel_dir, compilation_cache, tmp_path,
-                        cwd=workdir, env=env)
+                        cwd=outside.cwd, env=outside.env)
 
   # The kernel imported the package that its install cell had just put under the prefix.
   assert os.path.realpath(result["installed_from"]) == os.path.realpath(
-      os.path.join(site, "mixskd_jax"))
+      os.path.join(outside.site, "mixskd_jax"))
   assert result["steps"] == 30
   assert result["loss_last"] < result["loss_first"]
   assert set(result["accuracy"]) == {"branch1", "branch2", "backbone", "self_teacher"}
