@@ -97,18 +97,6 @@ def synthetic_state_dict(shapes: List[Tuple[str, Tuple[int, ...]]]) -> Dict[str,
   return out
 
 
-def _randomize_bn(module, gen, torch) -> None:
-  """Non-trivial BatchNorm parameters and running statistics (as tests/test_models.py does)."""
-  with torch.no_grad():
-    for m in module.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        c = m.num_features
-        m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-        m.bias.copy_(torch.randn(c, generator=gen) * 0.5)
-        m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-        m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-
-
 def _module_case(prefix: str, module, x: np.ndarray, torch) -> Dict[str, np.ndarray]:
   """Parameters, eval output, train output and updated running statistics of `module`."""
   out = {f"{prefix}/x": x}
@@ -173,18 +161,18 @@ def build() -> Dict[str, np.ndarray]:
   gen = torch.Generator().manual_seed(17)
   rng = np.random.default_rng(17)
   basic = R.BasicBlock(16, 32, stride=2)
-  _randomize_bn(basic, gen, torch)
+  R.randomize_batchnorm(basic, gen)
   out.update(_module_case("basic", basic,
                           rng.standard_normal((2, 16, 17, 17)).astype(np.float32), torch))
   bottleneck = R.Bottleneck(32, 16, stride=2)
-  _randomize_bn(bottleneck, gen, torch)
+  R.randomize_batchnorm(bottleneck, gen)
   out.update(_module_case("bottleneck", bottleneck,
                           rng.standard_normal((2, 32, 17, 17)).astype(np.float32), torch))
 
   conv = torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
   bn = torch.nn.BatchNorm2d(64)
   stem = torch.nn.Sequential(conv, bn, torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1))
-  _randomize_bn(stem, gen, torch)
+  R.randomize_batchnorm(stem, gen)
   out.update(_module_case("stem", stem,
                           rng.standard_normal((2, 3, 33, 33)).astype(np.float32), torch))
   # The max-pool alone on negative inputs: its padding must be -inf, never a winner.

@@ -327,15 +327,9 @@ def test_imagenet_init_matches_torchvision():
 
 
 def _randomize_torch_bn(module, gen):
-  torch = pytest.importorskip("torch")
-  with torch.no_grad():
-    for m in module.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        c = m.num_features
-        m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-        m.bias.copy_(torch.randn(c, generator=gen) * 0.5)
-        m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-        m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+  pytest.importorskip("torch")
+  from tests import torch_reference  # pylint: disable=import-outside-toplevel
+  torch_reference.randomize_batchnorm(module, gen)
 
 
 def _flax_variables(named):

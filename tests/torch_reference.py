@@ -40,6 +40,7 @@ __all__ = [
     "kl_t",
     "reference_terms",
     "save_official_checkpoint",
+    "randomize_batchnorm",
 ]
 
 
@@ -415,3 +416,16 @@ def reference_terms(
 def save_official_checkpoint(model: nn.Module, path) -> None:
     """Write ``{'net': state_dict, 'acc': 0.0, 'epoch': 0}`` like the official scripts."""
     torch.save({"net": model.state_dict(), "acc": 0.0, "epoch": 0}, path)
+
+
+def randomize_batchnorm(module: nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial BatchNorm scales, biases and running statistics, so that comparisons of
+    eval-mode outputs cannot pass on the identity initialization."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.5)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
