@@ -17,7 +17,6 @@ early after saving a checkpoint: rerun the same command to resume (on several pr
 rerun all of them). Anything else is an error (with its traceback).
 """
 
-import os
 import sys
 
 from absl import app, flags
@@ -35,60 +34,6 @@ flags.mark_flags_as_required(["workdir"])
 config_flags.DEFINE_config_file(
     "config", None, "Path to a config file: configs/NAME.py in a checkout, or the one "
     "`python -m mixskd_jax.configs NAME` prints.", lock_config=True)
-
-
-def _flag_values(argv: list[str]) -> tuple[str | None, list[str]]:
-  """(the --config value, the dotted names of the --config.* overrides) in `argv`, read the
-  way absl reads them: --name=value, --name value, --noname for booleans, up to `--`."""
-  config, overrides = None, []
-  args = iter(argv)
-  for arg in args:
-    if arg == "--":
-      break
-    if not arg.startswith("-"):
-      continue
-    name, has_value, value = arg.lstrip("-").partition("=")
-    if name == "config":
-      config = value if has_value else next(args, None)
-    elif name.startswith("config."):
-      overrides.append(name[len("config."):])
-    elif name.startswith("noconfig."):
-      overrides.append(name[len("noconfig."):])
-  return config, overrides
-
-
-def _load_config(path: str, arg: str):
-  """The config `path:arg` stands for, loaded as ml_collections will load it."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("mixskd_preflight_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
-def check_command_line(argv: list[str]) -> str | None:
-  """The one-line error for a missing config file or an unknown --config.* field; None when
-  the command line is fine as far as these checks go (absl reports everything else)."""
-  value, overrides = _flag_values(argv[1:])
-  if not value:
-    return None  # absl says --config is missing
-  path, _, arg = value.partition(":")
-  if not os.path.isfile(path):
-    where = ("an absolute path" if os.path.isabs(path)
-             else f"resolved against the current directory {os.getcwd()}")
-    return f"Config file not found: {path} ({where})"
-  if not overrides:
-    return None
-  from mixskd_jax import config_schema  # pylint: disable=import-outside-toplevel
-  try:
-    config = _load_config(path, arg)
-  except Exception:  # pylint: disable=broad-except  (config_flags raises it again, traceback and all)
-    return None
-  for dotted in overrides:
-    message = config_schema.unknown_field_error(config, dotted)
-    if message:
-      return message
-  return None
 
 
 def _fail(message: str) -> int:
@@ -122,7 +67,7 @@ def main(argv):
 
 def run() -> None:
   """The command: the command-line checks, then absl's flag parsing and `main`."""
-  message = check_command_line(sys.argv)
+  message = preflight.check_command_line(sys.argv)
   if message:
     sys.exit(_fail(message))
   progress.quiet_tensorflow_startup()  # before clu, tfds or the data package import it

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from ml_collections import config_flags
 
 from mixskd_jax import configs as package_configs
-from mixskd_jax import main as cli
+from mixskd_jax.train import preflight
 from mixskd_jax.train import layout
 from mixskd_jax.train.loop import train_and_evaluate
 
@@ -67,8 +67,9 @@ def test_package_config_paths_work_on_the_command_line(capsys):
   assert path == package_configs.path("default.py") == os.path.join(PACKAGE_CONFIG_DIR,
                                                                     "default.py")
   assert load("default.py", "smoke", PACKAGE_CONFIG_DIR).num_train_steps == 4
-  assert cli.check_command_line(["main", f"--config={path}:smoke", "--workdir=/tmp/x"]) is None
-  message = cli.check_command_line(["main", f"--config={path}", "--config.batch_sise=8"])
+  assert preflight.check_command_line(
+      ["main", f"--config={path}:smoke", "--workdir=/tmp/x"]) is None
+  message = preflight.check_command_line(["main", f"--config={path}", "--config.batch_sise=8"])
   assert message and "batch_size" in message
   with pytest.raises(ValueError, match="Unknown config 'nope'; the configs are: .*default"):
     package_configs.path("nope")
