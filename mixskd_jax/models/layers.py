@@ -81,11 +81,6 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-def global_avg_pool(x: jax.Array) -> jax.Array:
-  """(N, H, W, C) -> (N, C)."""
-  return jnp.mean(x, axis=(1, 2))
-
-
 RUNNING_STATS = ("mean_of_groups", "first_group")
 
 

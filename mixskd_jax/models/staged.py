@@ -186,6 +186,11 @@ class MixSKDNetwork(nn.Module):
     return self.discriminators(pooled)
 
 
+def _factories(stages, stem) -> tuple[tuple[ModuleFactory, ...], ModuleFactory | None]:
+  """(stage factories, stem factory or None) from modules or factories."""
+  return tuple(as_factory(s) for s in stages), None if stem is None else as_factory(stem)
+
+
 def mixskd_network(stages: Sequence[nn.Module | ModuleFactory], num_classes: int, *,
                    stem: nn.Module | ModuleFactory | None = None, head: HeadFactory = dense_head,
                    pooling: str = "spatial_mean", **kwargs: Any) -> MixSKDNetwork:
@@ -206,9 +211,9 @@ def mixskd_network(stages: Sequence[nn.Module | ModuleFactory], num_classes: int
     variables = net.init(key, images)          # images (N, H, W, C)
     outputs = net.apply(variables, images)     # 3 heads: branch1, branch2, backbone
   """
-  return MixSKDNetwork(tuple(as_factory(s) for s in stages), num_classes,
-                       None if stem is None else as_factory(stem), head,
-                       pooling_lib.check_pooling(pooling), **kwargs)
+  stages, stem = _factories(stages, stem)
+  return MixSKDNetwork(stages=stages, num_classes=num_classes, stem=stem, head=head,
+                       pooling=pooling_lib.check_pooling(pooling), **kwargs)
 
 
 def staged_classifier(stages: Sequence[nn.Module | ModuleFactory], num_classes: int, *,
@@ -216,6 +221,6 @@ def staged_classifier(stages: Sequence[nn.Module | ModuleFactory], num_classes: 
                       head: HeadFactory = dense_head, pooling: str = "spatial_mean",
                       dtype: Dtype = jnp.float32) -> StagedClassifier:
   """The plain network of `mixskd_network`'s arguments: the same backbone, no branches."""
-  return StagedClassifier(tuple(as_factory(s) for s in stages), num_classes,
-                          None if stem is None else as_factory(stem), head,
-                          pooling_lib.check_pooling(pooling), dtype)
+  stages, stem = _factories(stages, stem)
+  return StagedClassifier(stages=stages, num_classes=num_classes, stem=stem, head=head,
+                          pooling=pooling_lib.check_pooling(pooling), dtype=dtype)
