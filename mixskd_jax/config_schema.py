@@ -1,8 +1,11 @@
-"""The fields every experiment config has (configs/*.py start from `base_config()`), and the
-`:smoke` shrink that every config accepts."""
+"""The fields every experiment config has (configs/*.py start from `base_config()`), the
+`:smoke` shrink that every config accepts, and `validate`, which checks every field's type and
+range (the rules: `config_rules.RULES`, one per field of `base_config()`)."""
 
 import ml_collections
 
+from mixskd_jax import config_rules
+from mixskd_jax.config_rules import ConfigValueError  # noqa: F401  (validate raises it)
 from mixskd_jax.objective import TERMS, VARIANTS
 
 
@@ -99,7 +102,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1
   c.eval_calibration_bins = 15           # confidence bins of the expected calibration error
   c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 3
+  c.keep_checkpoints = 3                 # >= 1: the run resumes from its newest intact one
+  # Resuming a workdir whose stored config differs from this one in a field that changes the
+  # trained model: "same_config" refuses (naming the fields), "allow_changes" resumes anyway
+  # (mixskd_jax/train/run_guard.py lists the fields that may always change).
+  c.resume_policy = "same_config"
+  # Divergence guard: a step whose parameters' global norm exceeds this many times the norm
+  # of the last checkpointed (or initial) state stops the run like a non-finite loss, and is
+  # never checkpointed. 0 turns the norm check off (non-finite values still stop the run).
+  c.max_param_norm_ratio = 10.0
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = "auto"      # auto (when a cluster is configured) | always | never
@@ -109,6 +120,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.local_device_ids = ml_collections.config_dict.placeholder(tuple)
   c.distributed.cpu_collectives = ml_collections.config_dict.placeholder(str)  # "gloo" on CPU
   return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the type and range of every field of `config`, then the rules between fields.
+
+  Raises:
+    ConfigValueError: one line naming the first bad field, its value, what is allowed and
+      what to set, e.g. `config.batch_size = 0: must be an int >= 1 (the global clean batch),
+      or -1 (with config.per_device_batch_size set).` Unknown field names are
+      `unknown_field_error`'s job; a field `config` lacks is checked at its default.
+  """
+  config_rules.check(config, base_config())
 
 
 def finalize(config: ml_collections.ConfigDict, arg: str = "") -> ml_collections.ConfigDict:

@@ -4,7 +4,8 @@
       --num_classes 100 --output /tmp/mixskd_r18 [--backbone_only]
 
 The output directory holds `variables/` (Orbax) and `model.json`; load it with
-`mixskd_jax.interop.load_converted(output)`.
+`mixskd_jax.interop.load_converted(output)`. Refused inputs (a --num_classes below 1, weights
+that are NaN or infinite) write nothing and end with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import jax
 
 from mixskd_jax.interop.checkpoint_io import read_state_dict, save_converted
-from mixskd_jax.interop.convert import convert_state_dict, export_backbone
+from mixskd_jax.interop.convert import ConversionRefused, convert_state_dict, export_backbone
 from mixskd_jax.models.registry import RESNETS, build_model
 
 
@@ -35,8 +36,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+  """Refuses arguments that would fail later (num_classes 0: a ZeroDivisionError in the model's
+  initializer), before the checkpoint is read."""
+  if args.num_classes < 1:
+    raise ConversionRefused(f"--num_classes {args.num_classes}: must be >= 1, the number of "
+                            "classes the checkpoint's classifiers output (100 for CIFAR-100).")
+
+
 def main(argv: list[str] | None = None) -> str:
+  """Converts as the command line says; returns the directory written.
+
+  Raises:
+    ConversionRefused: bad arguments or non-finite weights; nothing is written.
+  """
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  check_args(args)
   mixskd = not args.plain
   model = build_model(args.model, args.num_classes, mixskd=mixskd)
   variables = convert_state_dict(read_state_dict(args.checkpoint), model,
@@ -50,5 +65,15 @@ def main(argv: list[str] | None = None) -> str:
   return out
 
 
+def run() -> int:
+  """The command: `main`, with a refusal as one line on stderr and exit status 2."""
+  try:
+    main()
+  except ConversionRefused as e:
+    print(e, file=sys.stderr)
+    return 2
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(run())

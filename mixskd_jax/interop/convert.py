@@ -17,6 +17,27 @@ from mixskd_jax.models.staged import MixSKDNetwork
 Variables = dict[str, Any]
 
 
+class ConversionRefused(ValueError):
+  """The converter refuses its input before writing anything; the message is one line
+  (`python -m mixskd_jax.interop` prints it and exits with status 2)."""
+
+
+def check_finite(state_dict: Mapping[str, Any]) -> None:
+  """Raises ConversionRefused naming the first tensor (in the file's order) that holds a NaN or
+  an infinity: a diverged or corrupted checkpoint would convert into a model that outputs NaN."""
+  for name, value in state_dict.items():
+    array = np.asarray(value)
+    if not np.issubdtype(array.dtype, np.inexact):
+      continue  # integer counters (num_batches_tracked) cannot be non-finite
+    bad = ~np.isfinite(array)
+    if bad.any():
+      nans = int(np.isnan(array).sum())
+      raise ConversionRefused(
+          f"The checkpoint's tensor {name!r} {tuple(array.shape)} holds {nans} NaN and "
+          f"{int(bad.sum()) - nans} infinite of {array.size} values (the first tensor that is "
+          "not finite); nothing was converted. Use a checkpoint from before the run diverged.")
+
+
 def _to_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
   if leaf == "kernel" and array.ndim == 4:   # conv (out, in, kh, kw) -> (kh, kw, in, out)
     return np.transpose(array, (2, 3, 1, 0))
@@ -55,8 +76,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *,
     {'params': ..., 'batch_stats': ...} as float32 jax arrays.
 
   Raises:
+    ConversionRefused: a tensor holds NaN or infinite values (`check_finite`).
     ValueError: listing unexpected keys, shape mismatches and unfilled variables.
   """
+  check_finite(state_dict)
   tensors = _strip_prefix(state_dict)
   mixskd = isinstance(model, MixSKDNetwork)
   stem_key = "backbone.conv1.weight" if mixskd else "conv1.weight"

@@ -3,14 +3,17 @@
 `check_run(config, workdir)` (called first thing by `train_and_evaluate`):
 
 * every field of the config is one the trainer knows (a typo in Python code that set
-  `config.optimizer.lr` would otherwise be ignored silently);
+  `config.optimizer.lr` would otherwise be ignored silently), and holds a value of its type
+  and range (`config_schema.validate`: `batch_size=0` would otherwise fail minutes in);
 * the workdir can be created and written (`check_workdir`): not under a file, not read-only;
 * the dataset is prepared, or can be prepared here (`check_dataset`): a dataset that tfds
   would download, on a machine that cannot reach the download host, fails at once with what
   to do, instead of tfds retrying for minutes and leaving empty folders behind. The probe is a
   3-second TCP connect to the download host (or to the configured HTTP(S) proxy); with the
   network there, downloading stays the default. `MIXSKD_ASSUME_OFFLINE=1` skips the probe and
-  treats the machine as offline (tests, air-gapped clusters).
+  treats the machine as offline (tests, air-gapped clusters). An explicit
+  `config.data.idx_dir` without the Fashion-MNIST IDX files fails at once: the user pointed at
+  local files, so a download is never the fallback.
 
 Each failure is a `PreflightError` with a one-line message (`mixskd_jax.main` prints it without
 a traceback and exits with status 2). The dataset errors are also the data package's own
@@ -35,6 +38,7 @@ from mixskd_jax import config_schema
 from mixskd_jax.train import workdir as workdir_lib
 
 OFFLINE_ENV = "MIXSKD_ASSUME_OFFLINE"
+WRITTEN_SUBDIRS = ("checkpoints",)  # besides the workdir itself
 PROBE_TIMEOUT_S = 3.0
 
 
@@ -44,6 +48,11 @@ class PreflightError(Exception):
 
 class ConfigFieldError(PreflightError, ValueError):
   """The config has a field the trainer does not know."""
+
+
+class ConfigValueError(PreflightError, config_schema.ConfigValueError):
+  """A config field holds a value of the wrong type or out of its range
+  (`config_schema.validate`'s error, as a PreflightError; the message is unchanged)."""
 
 
 class WorkdirError(PreflightError, OSError):
@@ -65,6 +74,15 @@ def check_config_fields(config: ml_collections.ConfigDict) -> None:
     message = config_schema.unknown_field_error(schema, dotted)
     if message:
       raise ConfigFieldError(message)
+
+
+def check_config_values(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigValueError for the first field whose type or range is wrong, or the first
+  broken rule between fields (`config_schema.validate`)."""
+  try:
+    config_schema.validate(config)
+  except config_schema.ConfigValueError as e:
+    raise ConfigValueError(str(e)) from None  # the one line is the whole story
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,9 +121,12 @@ def check_workdir(workdir: str) -> list[str]:
       os.mkdir(directory)
       created.append(directory)
       writing = directory
-    writing = path
-    with tempfile.NamedTemporaryFile(dir=path, prefix=".mixskd_write_check_"):
-      pass
+    # The workdir, and the folders a resumed run writes into (an immutable or read-only
+    # checkpoints folder would otherwise fail only at the first save).
+    for writing in [path] + [os.path.join(path, sub) for sub in WRITTEN_SUBDIRS
+                             if os.path.isdir(os.path.join(path, sub))]:
+      with tempfile.NamedTemporaryFile(dir=writing, prefix=".mixskd_write_check_"):
+        pass
   except OSError as e:
     remove_if_empty(created)
     if isinstance(e, PermissionError) or e.errno == errno.EROFS:
@@ -209,14 +230,55 @@ def offline_error_types() -> tuple[type, type]:
   return _OFFLINE_ERRORS["dataset"], _OFFLINE_ERRORS["fashion_mnist"]
 
 
+def _remove_new_directories(root: str, before: set, existed: bool) -> None:
+  """Removes the empty folders that appeared under the data_dir `root` since `before` (and
+  `root` itself when it did not exist), so a failing check leaves nothing behind."""
+  remove_if_empty(_directories(root) - before)
+  if not existed:
+    remove_if_empty([root])
+
+
+def idx_dir_error_type() -> type:
+  """IdxDirError: a PreflightError that is also `data.FashionMNISTMissingError` (built on
+  first use, like `offline_error_types`)."""
+  if "idx_dir" not in _OFFLINE_ERRORS:
+    # pylint: disable-next=import-outside-toplevel  (TensorFlow: only when an error is raised)
+    from mixskd_jax.data.fashion_mnist_local import FashionMNISTMissingError
+    _OFFLINE_ERRORS["idx_dir"] = type("IdxDirError", (PreflightError, FashionMNISTMissingError),
+                                      {})
+  return _OFFLINE_ERRORS["idx_dir"]
+
+
+def _check_idx_dir(idx_dir: str, builder, root: str, before: set, existed: bool) -> None:
+  """Raises IdxDirError when the explicitly configured `idx_dir` lacks any of the 4 IDX
+  files (Fashion-MNIST not prepared in the data_dir): the run would otherwise fall back to a
+  tfds download, minutes of retries offline, although the user pointed at local files."""
+  from mixskd_jax.data import fashion_mnist_local  # pylint: disable=import-outside-toplevel
+  files = list(fashion_mnist_local.IDX_FILES.values())
+  missing = [f for f in files if not os.path.isfile(os.path.join(idx_dir, f))]
+  if not missing:
+    return
+  _remove_new_directories(root, before, existed)
+  where = ("does not exist" if not os.path.exists(idx_dir)
+           else "is not a directory" if not os.path.isdir(idx_dir)
+           else f"lacks {', '.join(missing)}")
+  raise idx_dir_error_type()(
+      f"config.data.idx_dir={idx_dir} {where}, and fashion_mnist is not prepared in tfds "
+      f"data_dir {builder.data_dir_root}. Put the 4 IDX files ({', '.join(files)}) in "
+      f"{idx_dir}; or unset --config.data.idx_dir to use {fashion_mnist_local.DEFAULT_IDX_DIR} "
+      "(apt-get install dataset-fashion-mnist) or a tfds download; or "
+      "--config.data.data_dir=DIR where fashion_mnist is prepared.")
+
+
 def check_dataset(data_config: ml_collections.ConfigDict) -> None:
   """Raises (a PreflightError that is also the data package's error) when `config.data`'s
   dataset is not prepared, needs a download and the download host cannot be reached.
 
   Mirrors `data.sources.get_builder`'s order: prepared tfds data, then (Fashion-MNIST) the
-  local IDX files, then a tfds download. ImageNet builds from `manual_dir` and never
-  downloads, so it is left to tfds. Creates no folder in the data_dir (a failing check removes
-  any empty one that appeared while it looked).
+  local IDX files, then a tfds download; except that an explicit `config.data.idx_dir` that
+  lacks an IDX file fails here (`IdxDirError`) instead of downloading. ImageNet builds from
+  `manual_dir` and never downloads, so it is left to tfds. Creates no folder in the data_dir
+  (a failing check removes any empty one that appeared while it looked).
   """
   from mixskd_jax.data import datasets  # pylint: disable=import-outside-toplevel
   spec = datasets.get_spec(data_config.name)
@@ -230,7 +292,10 @@ def check_dataset(data_config: ml_collections.ConfigDict) -> None:
   builder = tfds.builder(spec.tfds_name, data_dir=data_config.data_dir)
   if builder.is_prepared():
     return
-  idx_dir = data_config.idx_dir or fashion_mnist_local.DEFAULT_IDX_DIR
+  if spec.name == "fashion_mnist" and data_config.idx_dir:
+    _check_idx_dir(data_config.idx_dir, builder, root, before, existed)
+    return  # the files are there: get_builder prepares from them
+  idx_dir = fashion_mnist_local.DEFAULT_IDX_DIR
   if spec.name == "fashion_mnist" and fashion_mnist_local.has_idx_files(idx_dir):
     return
   urls = list(getattr(builder, "url_infos", None) or {})
@@ -238,10 +303,7 @@ def check_dataset(data_config: ml_collections.ConfigDict) -> None:
     return  # nothing known to probe, or tfds is mocked: get_builder decides
   if not assume_offline() and reachable(urls[0]):
     return  # online: tfds downloads it
-  # Offline: nothing of this check stays in the data_dir.
-  remove_if_empty(_directories(root) - before)
-  if not existed:
-    remove_if_empty([root])
+  _remove_new_directories(root, before, existed)  # offline: nothing of this check stays
   host, port = _probe_target(urls[0])
   why = (f"{OFFLINE_ENV} is set" if assume_offline()
          else f"cannot connect to {host}:{port}")
@@ -264,9 +326,10 @@ def check_dataset(data_config: ml_collections.ConfigDict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def check_run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Every check, cheapest first: config fields, workdir, dataset. A workdir this call created
-  is removed again when a later check fails."""
+  """Every check, cheapest first: config fields and their values, workdir, dataset. A workdir
+  this call created is removed again when a later check fails."""
   check_config_fields(config)
+  check_config_values(config)
   created = check_workdir(workdir)
   try:
     check_dataset(config.data)
