@@ -97,7 +97,8 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
   # (orbax spreads the bytes of replicated arrays over the processes, process 0 commits).
   assert len(glob.glob(f"{workdir}/events.out.tfevents.*")) == 1
   assert sorted(p for p in os.listdir(workdir) if not p.startswith("events.")) == [
-      "checkpoints", "config.json", "eval_history.jsonl", "results.json", "train_history.jsonl"]
+      ".mixskd.lock", "checkpoints", "config.json", "eval_history.jsonl", "results.json",
+      "train_history.jsonl"]  # the lock: process 0's (run_guard.py)
   with open(workdir / "eval_history.jsonl") as f:  # epoch end and final, each written once
     assert [json.loads(line)["step"] for line in f] == [4, 6]
   with open(workdir / "train_history.jsonl") as f:  # every log_every_steps, and the last step

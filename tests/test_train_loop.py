@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mixskd_jax import data
+from mixskd_jax.train.divergence import DivergenceError
 from mixskd_jax.train.loop import Trainer, train_and_evaluate
 from tests.training_configs import tiny_config
 
@@ -72,29 +73,36 @@ def test_cifar100_on_mock_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-  """A run that goes non-finite stops with the step and the term, and the checkpoint from
-  before stays the latest (no non-finite state is ever saved)."""
-  workdir = str(tmp_path)
+def test_divergence_stops_the_run_and_keeps_only_checkpoints_from_before_it(tmp_path):
+  """A learning rate that blows the parameters up stops the run at the first check, by the
+  norm guard while the loss is still finite, or as non-finite with the guard off; neither
+  saves anything after the last good checkpoint, and the message says which one is kept."""
+  workdir = str(tmp_path / "run")
   train_and_evaluate(tiny_config({"num_train_steps": 4}), workdir)
-  # A NaN weight makes the loss (and from then on the parameters) NaN at step 5.
-  with pytest.raises(FloatingPointError, match=r"train/loss = nan at step 5"):
-    train_and_evaluate(tiny_config({"num_train_steps": 8,
-                                    "objective.weights.feature_mse": float("nan")}), workdir)
+  blow_up = {"num_train_steps": 8, "optimizer.learning_rate": 1e6, "checkpoint_every_steps": 1,
+             "log_every_steps": 1, "resume_policy": "allow_changes"}
+  with pytest.raises(DivergenceError,
+                     match=r"norm grew from .* at step 4 to .* at step 5.*checkpoint 4, saved "
+                           r"before it, is kept"):
+    train_and_evaluate(tiny_config(blow_up), workdir)
+  with pytest.raises(DivergenceError, match=r"(= nan|= inf|norm is (nan|inf)) at step 5"):
+    train_and_evaluate(tiny_config({**blow_up, "optimizer.learning_rate": 1e30,
+                                    "max_param_norm_ratio": 0.0}), workdir)
   assert [os.path.basename(p) for p in glob.glob(f"{workdir}/checkpoints/*")] == ["4"]
-  trainer = Trainer(tiny_config({"num_train_steps": 4}), workdir)
-  from mixskd_jax.train.checkpoint import Checkpoints
-  restored = Checkpoints(workdir, keep=3).restore_or_keep(trainer.state)
-  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(restored.params))
+  # config.json still describes checkpoint 4: the original config resumes without a policy.
+  assert train_and_evaluate(tiny_config({"num_train_steps": 5}), workdir)["step"] == 5
+  fresh = str(tmp_path / "fresh")
+  with pytest.raises(DivergenceError, match="no checkpoint was saved before it"):
+    train_and_evaluate(tiny_config({**blow_up, "resume_policy": "same_config"}), fresh)
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"model.name": "resnet9000"}, "Unknown model 'resnet9000'"),
+    ({"model.name": "resnet9000"}, "config.model.name = 'resnet9000'"),
     ({"data.name": "svhn"}, "config.data.name"),
     ({"batch_size": 12}, "config.batch_size: 12 does not split evenly over 8 devices"),
-    ({"eval_batch_size": 0}, "config.eval_batch_size: 0 must be positive"),
+    ({"eval_batch_size": 0}, "config.eval_batch_size = 0"),
     ({"model.batchnorm_groups": 3}, "config.model.batchnorm_groups: 3"),
-    ({"objective.variant": "paper"}, "variant='paper'"),
+    ({"objective.variant": "paper"}, "config.objective.variant = 'paper'"),
     ({"optimizer.schedule": "linear"}, "config.optimizer.schedule"),
     ({"model.dtype": "float8"}, "config.model.dtype"),
 ])

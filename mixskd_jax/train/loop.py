@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from typing import Any
@@ -14,10 +15,11 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from mixskd_jax import data
-from mixskd_jax.train import builder, distributed, layout, preflight, sharding, steps
+from mixskd_jax import config_schema, data
+from mixskd_jax.train import builder, distributed, layout, preflight, run_guard, sharding, steps
 from mixskd_jax.train import workdir as workdir_lib
-from mixskd_jax.train.checkpoint import Checkpoints
+from mixskd_jax.train.checkpoint import Checkpoints, has_checkpoints
+from mixskd_jax.train.divergence import DivergenceGuard, parameter_norm
 from mixskd_jax.train.data_prep import prepare_data
 from mixskd_jax.train.device_prefetch import prefetch_to_device
 from mixskd_jax.train.methods import check_config as check_method_config
@@ -28,17 +30,6 @@ from mixskd_jax.train.state import TrainState
 HISTORY_FILE = "eval_history.jsonl"
 TRAIN_HISTORY_FILE = "train_history.jsonl"  # the logged means of the train metrics
 RESULTS_FILE = "results.json"
-
-
-def _check_finite(buffer: list[dict], first_step: int) -> None:
-  """Raises on the first non-finite metric, naming its step and term."""
-  host = jax.device_get(buffer)
-  for offset, metrics in enumerate(host):
-    for name, value in metrics.items():
-      if not np.isfinite(value):
-        raise FloatingPointError(
-            f"{name} = {value} at step {first_step + offset + 1}: the run stopped and its last "
-            "good checkpoint is kept. Lower config.optimizer.learning_rate or check the data.")
 
 
 class _StepTimer:
@@ -76,13 +67,25 @@ class Trainer:
   """Everything a run is built from; `run()` trains, evaluates and writes results."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    # Before any data is loaded: bad values, then the workdir's owner and its config.
+    config_schema.validate(config)
+    check_method_config(config)
     distributed.maybe_initialize(config.distributed)
-    check_method_config(config)  # before any data is loaded
     self.mesh = sharding.make_mesh()
     # Batch sizes, mix and BatchNorm groups and the learning rate for these devices.
     config = layout.resolve(config, self.mesh.size)
     self.config, self.workdir = config, workdir
     self.is_chief = jax.process_index() == 0
+    self._lock = run_guard.WorkdirLock(workdir, enabled=self.is_chief)
+    self._lock.acquire()  # released when run() ends (or this object is collected)
+    try:
+      run_guard.check_resume(workdir, config, has_checkpoints=has_checkpoints(workdir))
+      self._build(config)
+    except BaseException:
+      self._lock.release()
+      raise
+
+  def _build(self, config: ml_collections.ConfigDict) -> None:
     prepare_data(config.data)  # process 0 downloads or builds it first, the others wait
     self.info = data.get_dataset_info(config.data)
     self.steps_per_epoch = data.steps_per_epoch(config)
@@ -104,6 +107,7 @@ class Trainer:
     self.train_step_time_s = None
     self.last_calibration = None
     self._histories: dict[str, workdir_lib.JsonlHistory] = {}
+    self._config_start = None  # set by run(); None once config.json is written
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
     """Every test example exactly once (the last batch padded and masked)."""
@@ -124,8 +128,12 @@ class Trainer:
     # Every file of the run goes through epath, so gs://bucket/run works like a local path.
     workdir = workdir_lib.resolve(self.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(workdir, keep=self.config.keep_checkpoints)
-    state = checkpoints.restore_or_keep(self.state)
+    try:
+      checkpoints = Checkpoints(workdir, keep=self.config.keep_checkpoints)
+      state = checkpoints.restore_or_keep(self.state)
+    except BaseException:
+      self._lock.release()
+      raise
     start = int(jax.device_get(state.step))
     # Every process keeps the records (its results.json is the chief's); the chief writes.
     self._histories = {name: workdir_lib.JsonlHistory(workdir / name, writer=self.is_chief,
@@ -133,28 +141,61 @@ class Trainer:
                        for name in (HISTORY_FILE, TRAIN_HISTORY_FILE)}
     # A string: TensorBoard's writer reads gs:// itself, through TensorFlow's file systems.
     writer = metric_writers.create_default_writer(str(workdir), just_logging=not self.is_chief)
-    if self.is_chief:
-      workdir_lib.write_json(workdir / "config.json", self.config.to_dict())
+    # config.json describes the newest checkpoint: a resumed run replaces it at its first
+    # save (a run that diverges or fails before one leaves the config that wrote them).
+    self._config_start = start
+    if start == 0:
+      self._write_config()
     logging.info("Training %s steps (%s per epoch) from step %s on %s device(s), %s process(es).",
                  self.num_steps, self.steps_per_epoch, start, self.mesh.size, jax.process_count())
     t0 = time.time()
     try:
       state, preempted = self._train(state, start, checkpoints, writer)
     finally:
-      writer.flush()
-      for history in self._histories.values():
-        history.flush()
-      checkpoints.close()
+      try:
+        writer.flush()
+        for history in self._histories.values():
+          history.flush()
+        checkpoints.close()
+      finally:
+        self._lock.release()
     self.state = state  # the final state, for notebooks and tests
     return self._results(state, time.time() - t0, start, workdir, preempted=preempted)
 
+  def _write_config(self) -> None:
+    """Writes config.json, keeping a changed previous one as config.until_step_<start>.json."""
+    if not self.is_chief or self._config_start is None:
+      return
+    workdir = workdir_lib.resolve(self.workdir)
+    config_file = workdir / run_guard.CONFIG_FILE
+    current = self.config.to_dict()
+    if self._config_start > 0 and config_file.exists():
+      old = config_file.read_text()
+      if json.loads(old) != json.loads(json.dumps(current)):
+        workdir_lib.write_text_atomically(
+            workdir / f"config.until_step_{self._config_start}.json", old)
+    workdir_lib.write_json(config_file, current)
+    self._config_start = None  # written
+
+  def _is_eval_step(self, step: int) -> bool:
+    epoch, rest = divmod(step, self.steps_per_epoch)
+    return step == self.num_steps or (rest == 0 and epoch % self.config.eval_every_epochs == 0)
+
   def _train(self, state, start, checkpoints, writer):
     cfg = self.config
+    # An evaluation due at the step the run resumes from, that the run which saved it did not
+    # record (killed between its checkpoint and its evaluation; see below): done first.
+    if start > 0 and self._is_eval_step(start) and not any(
+        r["step"] == start for r in self._histories[HISTORY_FILE].records):
+      self._record_eval(state, start, writer)
     batches = prefetch_to_device(
         data.train_iterator(cfg, start_step=start, process_index=jax.process_index(),
                             process_count=jax.process_count()),
         sharding.data_sharding(self.mesh), cfg.data.device_prefetch)
     progress = ProgressReporter(self.num_steps, every_steps=cfg.log_every_steps, writer=writer)
+    guard = DivergenceGuard(cfg.max_param_norm_ratio,
+                            reference_norm=float(parameter_norm(state.params)),
+                            reference_step=start)
     buffer, buffer_start = [], start
     timer = _StepTimer()
     done = start  # stays so when the checkpoint is already at num_steps
@@ -171,9 +212,14 @@ class Trainer:
           logging.info("Compiled and ran the first step in %.1f s.", time.perf_counter() - t_first)
         stop = preemption.should_stop(done)  # the same step in every process
         last = done == self.num_steps
-        if done % cfg.log_every_steps == 0 or last or stop or done % cfg.checkpoint_every_steps == 0:
-          _check_finite(buffer, buffer_start)
-          means = jax.tree_util.tree_map(lambda *xs: float(np.mean(xs)), *jax.device_get(buffer))
+        save = done % cfg.checkpoint_every_steps == 0 or last or stop
+        if done % cfg.log_every_steps == 0 or save:
+          host = jax.device_get(buffer)
+          guard.check_metrics(host, buffer_start, checkpoints.latest_step())
+          # The state about to be logged and saved: finite, and not blown up (divergence.py).
+          norm = float(parameter_norm(state.params))
+          guard.check_params(norm, done, checkpoints.latest_step())
+          means = jax.tree_util.tree_map(lambda *xs: float(np.mean(xs)), *host)
           writer.write_scalars(done, means)
           self._append_history(TRAIN_HISTORY_FILE, {"step": done, **means})
           buffer, buffer_start = [], done
@@ -181,23 +227,23 @@ class Trainer:
         elif progress.due(done) and buffer:  # a line at least every minute on slow runs
           progress.report(done, jax.tree_util.tree_map(
               lambda *xs: float(np.mean(xs)), *jax.device_get(buffer)))
-        if done % self.steps_per_epoch == 0 and (done // self.steps_per_epoch) % cfg.eval_every_epochs == 0 or last:
+        # The checkpoint before the evaluation: an evaluation that fails (or is killed) then
+        # loses no training; the run resuming from this step evaluates it first (above).
+        if save:
           with timer.excluded(state), progress.excluded():
-            self._record_eval(state, done, writer)
-        if done % cfg.checkpoint_every_steps == 0 or last or stop:
-          with timer.excluded(state), progress.excluded():
-            kept = checkpoints.save(done, state)
+            checkpoints.save(done, state, param_norm=norm,
+                             loss=means.get("train/loss"))
+            guard.accept(norm, done)
+            self._write_config()
             for history in self._histories.values():  # a history is as durable as its step
               history.flush()
+        if self._is_eval_step(done):
+          with timer.excluded(state), progress.excluded():
+            self._record_eval(state, done, writer)
         if stop and not last:  # stopped at the last step, the run is simply finished
           preempted = True
-          if kept:
-            logging.warning("Preempted at step %s: checkpoint saved; exiting with status %s, "
-                            "the same command resumes.", done, PREEMPTED_EXIT_CODE)
-          else:
-            logging.warning("Preempted at step %s: no checkpoint kept "
-                            "(config.keep_checkpoints=%s); exiting with status %s.", done,
-                            cfg.keep_checkpoints, PREEMPTED_EXIT_CODE)
+          logging.warning("Preempted at step %s: checkpoint saved; exiting with status %s, "
+                          "the same command resumes.", done, PREEMPTED_EXIT_CODE)
           break
     self.train_step_time_s = timer.stop(state, steps=done - start - 1)
     return state, preempted

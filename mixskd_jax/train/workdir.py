@@ -61,6 +61,21 @@ def write_text_atomically(path: epath.Path, text: str) -> None:
     path.write_text(text)  # one upload; an object becomes visible only once complete
 
 
+def move_tree(source: epath.Path, dest: epath.Path) -> None:
+  """Moves the directory `source` to `dest` (which must not exist): one rename on disk; on an
+  object store, which cannot rename, a copy of every file, then the source's removal."""
+  if is_local(source):
+    source.rename(dest)
+    return
+  for root, _, names in source.walk():
+    root = epath.Path(root)
+    target = dest / root.relative_to(source)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+      (root / name).copy(target / name)
+  source.rmtree()
+
+
 def write_json(path: epath.Path, obj: Any) -> None:
   """`obj` as indented, key-sorted JSON, written atomically."""
   write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=True))
