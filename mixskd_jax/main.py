@@ -14,7 +14,11 @@ prepared or can be downloaded (mixskd_jax/train/preflight.py).
 Exit status: 0 when the run is finished; 2 when one of those checks fails (one line on
 stderr says what to fix); 75 (EX_TEMPFAIL, "temporary failure, retry") when SIGTERM stopped it
 early after saving a checkpoint: rerun the same command to resume (on several processes,
-rerun all of them). Anything else is an error (with its traceback).
+rerun all of them). Ctrl-C during training is the same as SIGTERM (one line says so): the run
+stops after the current step, saves it and exits with 75 (on several processes, all of them).
+A second Ctrl-C, or in one process one before the first step is done (start-up, data loading,
+the first compile), ends the command at once with 130 and one line: rerunning resumes from the
+latest checkpoint. Anything else is an error (with its traceback).
 """
 
 import sys
@@ -24,9 +28,11 @@ from ml_collections import config_flags
 
 # None of these imports TensorFlow: `run` quiets its start-up before it is imported.
 from mixskd_jax.train import preflight, progress
-from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE
+from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE, install_exit_on_interrupt
 
 USAGE_ERROR_EXIT_CODE = 2
+FAILED_EXIT_CODE = 1  # diverged, or no checkpoint fits: rerunning alone would not help
+IO_ERROR_EXIT_CODE = 74  # EX_IOERR (sysexits.h): a checkpoint could not be written
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.")
@@ -36,10 +42,10 @@ config_flags.DEFINE_config_file(
     "`python -m mixskd_jax.configs NAME` prints.", lock_config=True)
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = USAGE_ERROR_EXIT_CODE) -> int:
   sys.stderr.flush()
   print(message, file=sys.stderr, flush=True)
-  return USAGE_ERROR_EXIT_CODE
+  return code
 
 
 def main(argv):
@@ -54,11 +60,18 @@ def main(argv):
     return _fail(str(e))
   # TensorFlow, JAX's backends and the data pipeline load here, after the cheap checks.
   from mixskd_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.train.checkpoint import CheckpointError, CheckpointWriteError
+  from mixskd_jax.train.divergence import DivergenceError
   try:
     results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except preflight.PreflightError as e:
     preflight.remove_if_empty(created)
     return _fail(str(e))
+  except CheckpointWriteError as e:  # disk full, read-only: the older checkpoints are intact
+    return _fail(str(e), IO_ERROR_EXIT_CODE)
+  except (DivergenceError, CheckpointError) as e:
+    return _fail(str(e), FAILED_EXIT_CODE)
   progress.print_lines(progress.summary_lines(results, FLAGS.workdir))
   if results["preempted"]:
     return PREEMPTED_EXIT_CODE  # app.run exits with it: a supervisor reruns the command
@@ -67,6 +80,9 @@ def main(argv):
 
 def run() -> None:
   """The command: the command-line checks, then absl's flag parsing and `main`."""
+  # Ctrl-C ends the command at once with status 130 (the training loop makes the first one a
+  # SIGTERM): never the KeyboardInterrupt that crashes the exit under a running compile.
+  install_exit_on_interrupt()
   message = preflight.check_command_line(sys.argv)
   if message:
     sys.exit(_fail(message))
