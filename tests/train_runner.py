@@ -16,6 +16,9 @@ def parse_args():
   parser.add_argument("--devices", type=int, default=1, help="fake CPU devices of this process")
   parser.add_argument("--overrides", default="{}", help="JSON of dotted config fields")
   parser.add_argument("--dump", help="write the final params here (.npz), from every process")
+  parser.add_argument("--dump_all", action="store_true",
+                      help="dump the whole train state (optimizer state, step, ...), not only "
+                           "the params")
   return parser.parse_args()
 
 
@@ -34,7 +37,8 @@ def main():
   trainer = Trainer(config, args.workdir)
   results = trainer.run()
   if args.dump:
-    leaves = jax.tree_util.tree_leaves_with_path(trainer.state.params)
+    leaves = jax.tree_util.tree_leaves_with_path(
+        trainer.state if args.dump_all else trainer.state.params)
     np.savez(args.dump, **{jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
                            for path, leaf in leaves})
   print("RESULTS", json.dumps({k: v for k, v in results.items() if k != "history"}), flush=True)

@@ -88,16 +88,20 @@ class _HeldRecords(py_logging.Filter):
 
 
 def _late_orbax_callback(unraisable) -> bool:
-  """An exception raised in a TensorStore completion callback after Orbax's event loop closed
-  (the loop of a save that already failed): harmless, and printed once per pending write."""
-  return (isinstance(unraisable.exc_value, RuntimeError)
-          and "Event loop is closed" in str(unraisable.exc_value))
+  """An exception raised in a TensorStore completion callback after Orbax's event loop closed,
+  or by one of Orbax's abandoned coroutines when it is garbage-collected (the leftovers of a
+  save or restore that already failed): harmless, and printed once per pending read or write."""
+  if "Event loop is closed" in str(unraisable.exc_value):
+    return True
+  code = getattr(unraisable.object, "cr_code", None)
+  return code is not None and "orbax" in code.co_filename
 
 
 @contextlib.contextmanager
 def _one_line_failure():
-  """A failed save reports its cause once (CheckpointWriteError) instead of Orbax's traceback
-  per thread and per pending write (25-239 of them were seen on a full disk).
+  """A failed save or restore reports its cause once (CheckpointWriteError, or the damage in
+  one line) instead of Orbax's traceback per thread and per pending read or write (25-239 of
+  them were seen on a full disk).
 
   Orbax's error logs are held back and re-logged if the save succeeds anyway. After a
   failure the filters stay installed: the save's remaining writes finish (and fail, and are
@@ -146,8 +150,11 @@ class Checkpoints:
     self.workdir = workdir_lib.resolve(workdir)
     self.directory = self.workdir / "checkpoints"
     self.is_chief = jax.process_index() == 0
+    # cleanup_tmp_directories: a save cut short by SIGKILL or Ctrl-C leaves its
+    # `<step>.orbax-checkpoint-tmp` folder; the next run removes it.
     self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=False)
+                                                 enable_async_checkpointing=False,
+                                                 cleanup_tmp_directories=True)
     self.manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
@@ -178,7 +185,8 @@ class Checkpoints:
       damage = checkpoint_digest.problem(step_dir)
       if damage is None and target is not None:
         try:
-          return step, self.manager.restore(step, args=ocp.args.StandardRestore(target))
+          with _one_line_failure():
+            return step, self.manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as e:  # pylint: disable=broad-except  (TensorStore, pytree, OS errors)
           if checkpoint_digest.read(step_dir) is not None:
             # Its files are exactly what was written: the model, not the step, differs.
