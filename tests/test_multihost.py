@@ -19,7 +19,7 @@ from tests.test_resume import assert_same_params, checkpoint_steps, command, loa
 from tests.test_resume import prepared_fashion_mnist  # noqa: F401  (autouse: data prepared once)
 
 # Two training processes: the slow tier (pytest --slow).
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("subprocess_compile_cache")]
 
 # At lr 0.1 on batches of 16, the float32 rounding by which gloo's all-reduce differs from the
 # in-process one (~1e-7 after a step) grows to ~1e-4 within 4 steps (plain CE too): lr 0.01

@@ -39,21 +39,10 @@ from tests.test_cli import REPO, main as cli
 from tests.test_resume import assert_same_params, command, load, prepared_fashion_mnist  # noqa: F401
 
 KILL_RUNNER = os.path.join(os.path.dirname(__file__), "kill_runner.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """JAX's persistent compilation cache, shared by this module's ~25 training processes: they
-  compile the same programs, and a cached executable computes what a fresh compile does (the
-  bit-identical comparisons below hold either way; this only saves ~5 s a process)."""
-  previous = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-  yield
-  if previous is None:
-    del os.environ["JAX_COMPILATION_CACHE_DIR"]
-  else:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = previous
 LONG = {"num_epochs": 10, "log_every_steps": 1}  # 40 steps, a checkpoint and an eval every 4
+
+# The ~25 training processes below compile the same programs: once (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("subprocess_compile_cache")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +168,10 @@ def test_a_second_lock_on_a_workdir_is_refused_naming_its_holder(tmp_path):
     with pytest.raises(run_guard.WorkdirBusyError,
                        match=rf"is in use by another trainer \(pid {os.getpid()} on "):
       run_guard.WorkdirLock(str(tmp_path)).acquire()
-  with run_guard.WorkdirLock(str(tmp_path)):  # released: free again
+    with pytest.raises(run_guard.WorkdirBusyError):
+      run_guard.WorkdirLock(str(tmp_path)).check()
+  run_guard.WorkdirLock(str(tmp_path)).check()  # released: free again, and check takes nothing
+  with run_guard.WorkdirLock(str(tmp_path)):
     pass
 
 

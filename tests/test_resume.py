@@ -20,8 +20,9 @@ from tests.training_configs import tiny_config
 
 RUNNER = os.path.join(os.path.dirname(__file__), "train_runner.py")
 
-# Training runs in fresh processes: the slow tier (pytest --slow).
-pytestmark = pytest.mark.slow
+# Training runs in fresh processes: the slow tier (pytest --slow); they share one compilation
+# cache (tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("subprocess_compile_cache")]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -77,13 +77,9 @@ class Trainer:
     self.config, self.workdir = config, workdir
     self.is_chief = jax.process_index() == 0
     self._lock = run_guard.WorkdirLock(workdir, enabled=self.is_chief)
-    self._lock.acquire()  # released when run() ends (or this object is collected)
-    try:
-      run_guard.check_resume(workdir, config, has_checkpoints=has_checkpoints(workdir))
-      self._build(config)
-    except BaseException:
-      self._lock.release()
-      raise
+    self._lock.check()  # held by run(); refused here already, before any data is loaded
+    run_guard.check_resume(workdir, config, has_checkpoints=has_checkpoints(workdir))
+    self._build(config)
 
   def _build(self, config: ml_collections.ConfigDict) -> None:
     prepare_data(config.data)  # process 0 downloads or builds it first, the others wait
@@ -128,6 +124,7 @@ class Trainer:
     # Every file of the run goes through epath, so gs://bucket/run works like a local path.
     workdir = workdir_lib.resolve(self.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    self._lock.acquire()
     try:
       checkpoints = Checkpoints(workdir, keep=self.config.keep_checkpoints)
       state = checkpoints.restore_or_keep(self.state)

@@ -1,7 +1,9 @@
 """One owner per workdir, and no silent change of what a resumed run trains.
 
-- `WorkdirLock`: an exclusive `flock` on `<workdir>/.mixskd.lock`, taken before any data is
-  loaded and held until the run ends. The kernel drops it when its process dies, SIGKILL
+- `WorkdirLock`: an exclusive `flock` on `<workdir>/.mixskd.lock`, checked before any data is
+  loaded (`check`) and held while the run trains (from restoring its checkpoint to writing its
+  results). Held by `run()`, not by the `Trainer` object: a notebook that builds a second
+  Trainer on the same workdir while the first one is still referenced is not refused. The kernel drops it when its process dies, SIGKILL
   included, so a killed run never leaves a stale lock behind. The file records who holds it,
   for the message a second trainer gets. Object stores have no locks: a `gs://` workdir is
   not locked (one line says so); multi-process runs lock from process 0.
@@ -61,13 +63,20 @@ class WorkdirLock:
     self.enabled = enabled
     self._file = None
 
-  def acquire(self) -> None:
-    """Takes the lock, or raises WorkdirBusyError naming its holder."""
+  def check(self) -> None:
+    """Raises WorkdirBusyError when another trainer holds the lock now; takes nothing."""
+    self.acquire(record=False)
+    self.release()
+
+  def acquire(self, record: bool = True) -> None:
+    """Takes the lock (writing who holds it when `record`), or raises WorkdirBusyError naming
+    its holder."""
     if not self.enabled:
       return
     if self.path is None:
-      logging.info("%s is on an object store, which has no locks: make sure no other trainer "
-                   "uses it.", self.workdir)
+      if record:
+        logging.info("%s is on an object store, which has no locks: make sure no other "
+                     "trainer uses it.", self.workdir)
       return
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     f = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
@@ -82,6 +91,9 @@ class WorkdirLock:
       raise WorkdirBusyError(
           f"--workdir={self.workdir} is in use by another trainer ({_describe(holder)}; lock "
           f"{self.path}): wait for it to end or stop it, or choose another --workdir.") from None
+    self._file = f
+    if not record:
+      return
     f.seek(0)
     f.truncate()
     f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -89,7 +101,6 @@ class WorkdirLock:
                             timespec="seconds"),
                         "command": " ".join(sys.argv)[:500]}) + "\n")
     f.flush()
-    self._file = f
 
   def release(self) -> None:
     if self._file is not None:
