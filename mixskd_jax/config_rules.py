@@ -1,5 +1,6 @@
 """What each config field may hold: one rule per leaf of `config_schema.base_config()` (`RULES`),
-the rules that tie fields together (`CROSS_RULES`), and `check`, which applies them all.
+the rules that tie fields together (`CROSS_RULES`), and `check`, which applies them all (the
+kinds of rule: `config_rule_kinds.py`).
 
 A bad value fails here, before any data is read or anything compiled, with one line that names
 the field, the value, what is allowed and what to set instead:
@@ -21,14 +22,12 @@ are listed here; tests/test_config_validation.py checks them against `data.SPECS
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import numbers
 from typing import Any, Callable, Iterator, Mapping
 
 import ml_collections
-import numpy as np
 
+from mixskd_jax.config_rule_kinds import (Rule, choice, flag, integer, is_int, is_number, number,
+                                          text)
 from mixskd_jax.objective import TERMS
 
 
@@ -85,112 +84,25 @@ def _schedules() -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kinds of values. A bool is refused where a number is wanted (Python counts True as 1).
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_number(value: Any) -> bool:
-  """A finite int or float (an int is a fine float: ml_collections casts it the same way)."""
-  return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-          and math.isfinite(value))
-
-
-def _is_bool(value: Any) -> bool:
-  return isinstance(value, (bool, np.bool_))
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """What one field may hold.
-
-  Attributes:
-    valid: value -> whether it is allowed (None is handled by `none_means`).
-    allowed: what `valid` accepts, completing "must be ...", e.g. "an int >= 1"; or a
-      function that returns it (a registry's names, imported only when a value is refused).
-    none_means: for a placeholder field, what None means ("all examples"); None when the
-      field must hold a value.
-  """
-  valid: Callable[[Any], bool]
-  allowed: str | Callable[[], str]
-  none_means: str | None = None
-
-  def error(self, value: Any) -> str | None:
-    """Why `value` is refused (the "must be ..." part), or None when it is allowed."""
-    if value is None and self.none_means is not None:
-      return None
-    try:
-      if self.valid(value):
-        return None
-    except TypeError:  # a comparison with a value of another type: refused below
-      pass
-    allowed = self.allowed() if callable(self.allowed) else self.allowed
-    unset = f", or None ({self.none_means})" if self.none_means is not None else ""
-    return f"must be {allowed}{unset}"
-
-
-def integer(minimum: int, why: str = "", *, also: tuple = (), maximum: int | None = None,
-            none_means: str | None = None, also_why: str = "") -> Rule:
-  """An int >= `minimum` (and <= `maximum`), or one of the special values `also`."""
-  def valid(v):
-    return _is_int(v) and (v in also or (v >= minimum and (maximum is None or v <= maximum)))
-  bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-  allowed = f"an int {bound}{f' ({why})' if why else ''}"
-  if also:
-    allowed += f", or {' or '.join(map(str, also))}{f' ({also_why})' if also_why else ''}"
-  return Rule(valid, allowed, none_means)
-
-
-def number(minimum: float, why: str = "", *, exclusive: bool = False,
-           below: float | None = None, at_most: float | None = None,
-           none_means: str | None = None) -> Rule:
-  """A finite number >= `minimum` (> with `exclusive`), and < `below` or <= `at_most`."""
-  def valid(v):
-    return (_is_number(v) and (v > minimum if exclusive else v >= minimum)
-            and (below is None or v < below) and (at_most is None or v <= at_most))
-  low = "(" if exclusive else "["
-  if below is not None:
-    bound = f"in {low}{minimum:g}, {below:g})"
-  elif at_most is not None:
-    bound = f"in {low}{minimum:g}, {at_most:g}]"
-  else:
-    bound = f"{'>' if exclusive else '>='} {minimum:g}"
-  return Rule(valid, f"a finite number {bound}{f' ({why})' if why else ''}", none_means)
-
-
-def flag() -> Rule:
-  return Rule(_is_bool, "True or False")
-
-
-def choice(names: Callable[[], tuple] | tuple, *, none_means: str | None = None) -> Rule:
-  """One of `names` (a tuple, or a function returning a registry's names when checked)."""
-  get = names if callable(names) else (lambda: names)
-  return Rule(lambda v: isinstance(v, str) and v in get(),
-              lambda: "one of " + ", ".join(repr(n) for n in get()), none_means)
-
-
-def text(allowed: str, none_means: str) -> Rule:
-  return Rule(lambda v: isinstance(v, str), allowed, none_means)
-
+# Values of particular fields.
 
 def _increasing_epochs(value: Any) -> bool:
   """Milestones: ints >= 0, strictly increasing (the schedule keys a dict by milestone, so a
   repeated one would decay once where PyTorch's MultiStepLR decays twice)."""
-  if not isinstance(value, (tuple, list)) or not all(_is_int(m) and m >= 0 for m in value):
+  if not isinstance(value, (tuple, list)) or not all(is_int(m) and m >= 0 for m in value):
     return False
   return all(a < b for a, b in zip(value, value[1:]))
 
 
 def _device_ids(value: Any) -> bool:
   """jax.distributed.initialize's local_device_ids: an int or distinct ints, all >= 0."""
-  ids = [value] if _is_int(value) else value
+  ids = [value] if is_int(value) else value
   return (isinstance(ids, (tuple, list)) and len(ids) > 0
-          and all(_is_int(i) and i >= 0 for i in ids) and len(set(ids)) == len(ids))
+          and all(is_int(i) and i >= 0 for i in ids) and len(set(ids)) == len(ids))
 
 
 def _off_or_above_one(value: Any) -> bool:
-  return _is_number(value) and (value == 0 or value > 1)
+  return is_number(value) and (value == 0 or value > 1)
 
 
 # ---------------------------------------------------------------------------------------------
