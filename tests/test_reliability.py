@@ -1,8 +1,8 @@
 """What a run does when things go wrong, each with its exact expected outcome:
 
-- SIGKILL at 12 seeded points (between steps, inside checkpoint saves, between Orbax's commit
+- SIGKILL at 10 seeded points (between steps, inside checkpoint saves, between Orbax's commit
   and the digest, inside evaluations, while appending history, inside a resume's restore),
-  up to 4 kills per workdir: rerunning the same command ends with the train state (parameters
+  5 kills per workdir: rerunning the same command ends with the train state (parameters
   and optimizer state) and the evaluation history of an uninterrupted run, bit for bit;
 - damaged checkpoints (a flipped bit, truncated or deleted files, missing metadata, an empty
   step directory, ...): the newest intact one is resumed, the damaged one moved aside;
@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -206,18 +207,18 @@ def test_resuming_under_another_config_is_refused_naming_the_fields(tmp_path):
 # SIGKILL anywhere: the same command ends like an uninterrupted run (the slow tier).
 
 def _kill_plan(seed=0):
-  """Four chains (workdirs) of three kills each: every site at least once, the points within
-  each site drawn from a seeded generator."""
+  """Two chains (workdirs) of five kills each: every site at least once, saves and evaluations
+  three and two times, the points within each site drawn from a seeded generator."""
   rng = random.Random(seed)
   sites = ["save", "eval", "digest", "step", "save", "history", "restore", "eval", "save",
-           "step", "eval", "history"]
+           "step"]
   plan = []
   for site in sites:
     k = rng.randint(3, 30) if site == "step" else rng.randint(1, 2)
     delay = {"save": rng.uniform(0.0, 0.15), "eval": rng.uniform(0.0, 0.1),
              "restore": rng.uniform(0.0, 0.3)}.get(site, 0.0)
     plan.append(f"{site}:{k}:{delay:.3f}")
-  return [plan[i::4] for i in range(4)]
+  return [plan[i::2] for i in range(2)]
 
 
 def _workdir_outcome(workdir):
@@ -320,12 +321,14 @@ def _limit_file_size(max_bytes):
 @pytest.mark.slow
 def test_a_failed_checkpoint_write_is_one_line_and_the_previous_checkpoint_resumes(tmp_path):
   """A file-size limit (the way to fill a disk without root) makes checkpoint 4's large array
-  file fail: exit 74, one line naming the cause and the intact checkpoint 2, no traceback."""
+  file fail: exit 74, one line naming the cause and the intact checkpoint 2, no traceback.
+  First, on the same workdir, an immutable checkpoints folder is refused up front."""
   workdir = str(tmp_path / "work")
   args = ("--config=configs/default.py:smoke", f"--workdir={workdir}")
   cache = {"MIXSKD_ASSUME_OFFLINE": "1",
            "JAX_COMPILATION_CACHE_DIR": os.environ["JAX_COMPILATION_CACHE_DIR"]}
   assert cli(*args, "--config.num_train_steps=2", **cache)[0] == 0
+  _immutable_checkpoints_folder_is_refused_before_training(workdir, args, cache)
   t0 = time.monotonic()
   proc = subprocess.run([sys.executable, "-m", "mixskd_jax.main", *args], cwd=REPO,
                         env={**os.environ, "MIXSKD_ASSUME_OFFLINE": "1"}, capture_output=True,
@@ -348,19 +351,16 @@ def _chattr(flag, path):
   return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
 
 
-@pytest.mark.slow
-def test_an_immutable_checkpoints_folder_is_refused_before_training(tmp_path):
-  workdir = tmp_path / "work"
-  args = ("--config=configs/default.py:smoke", f"--workdir={workdir}")
-  cache = {"MIXSKD_ASSUME_OFFLINE": "1",
-           "JAX_COMPILATION_CACHE_DIR": os.environ["JAX_COMPILATION_CACHE_DIR"]}
-  assert cli(*args, "--config.num_train_steps=2", **cache)[0] == 0
-  if not _chattr("+i", workdir / "checkpoints"):
-    pytest.skip("chattr +i is not permitted here (needs root on ext4/xfs)")
+def _immutable_checkpoints_folder_is_refused_before_training(workdir, args, env):
+  """An immutable checkpoints folder (where `chattr +i` is permitted: root on ext4/xfs): exit 2
+  in seconds, one line, instead of failing at the first save (or hanging, as once seen)."""
+  if not _chattr("+i", f"{workdir}/checkpoints"):
+    warnings.warn("chattr +i is not permitted here: the immutable-folder case is not checked")
+    return
   try:
-    code, _, stderr, seconds = cli(*args, MIXSKD_ASSUME_OFFLINE="1")
+    code, _, stderr, seconds = cli(*args, **env)
   finally:
-    _chattr("-i", workdir / "checkpoints")
+    _chattr("-i", f"{workdir}/checkpoints")
   assert code == 2 and seconds < 20, stderr[-3000:]
   assert stderr.strip().splitlines() == [
       f"--workdir={workdir} cannot be created or written (Operation not permitted in "
