@@ -4,8 +4,13 @@ A suite names a base config (the recipe every method shares), the methods of the
 table, the seeds, and the MixSKD ablations. `suite_runs(suite)` lists every run as a
 `Run(name, seed, config)`; the runner trains them and the report reads them back.
 
-* `fashion_mnist`: what this repository's committed table is: real Fashion-MNIST, a fixed
-  class-balanced low-data subset, the small CPU ResNet; sized to finish on a 2-core machine.
+* `fashion_mnist_converged`: the converged, over-fitting regime (issue #13): real
+  Fashion-MNIST, 200 images per class without augmentation, 40 epochs, so that
+  cross-entropy fits its training set (100% training accuracy) and its test accuracy has
+  stopped moving well before the end; 3 seeds for every row and every ablation.
+* `fashion_mnist`: the short-schedule check (the first committed table): a fixed
+  class-balanced low-data subset, the small CPU ResNet, 8 epochs, where every method is
+  still learning; sized to finish on a 2-core machine.
 * `cifar100`: the paper's scale (CIFAR-100, CIFAR ResNet-18, the official 205-epoch recipe,
   64 + 64 images per step) for users with accelerators.
 * `fashion_mnist_long`: the same, 3x the epochs, for CE, mixup and MixSKD `full` only: is
@@ -93,6 +98,24 @@ def fashion_mnist_base() -> ml_collections.ConfigDict:
   return c
 
 
+def fashion_mnist_converged_base() -> ml_collections.ConfigDict:
+  """200 training images per class (the first 200 of each class: 2,000 in all, 15 steps of
+  128 per epoch), no augmentation, 40 epochs (600 steps), evaluated every 4 epochs on the full
+  test set; otherwise the fashion_mnist recipe (1 epoch of warm-up, cosine, SGD Nesterov
+  lr 0.1, wd 5e-4; MixSKD alpha 0.4, T 3). Chosen by pilot runs of cross-entropy (seed 0, on
+  this 2-core machine): with this recipe its training batches are 100% correct from epoch ~20
+  and its test top-1 stays within 0.1 point over the last 14 epochs (84.0%); with crop+flip
+  augmentation the same 2,000 images still gave 94% training accuracy after 60 epochs."""
+  c = fashion_mnist_base()
+  c.data.train_examples_per_class = 200
+  c.data.augment = False
+  c.num_epochs = 40
+  c.eval_every_epochs = 4
+  c.log_every_steps = 15
+  c.checkpoint_every_steps = 150
+  return c
+
+
 def smoke_base() -> ml_collections.ConfigDict:
   """The fashion_mnist protocol on 10 images per class, 2 epochs of batch 16, 60 test images
   (batches divide by 8, so it also runs on 8 devices)."""
@@ -121,6 +144,10 @@ def cifar100_base() -> ml_collections.ConfigDict:
 
 
 SUITES = {
+    "fashion_mnist_converged": Suite(
+        "fashion_mnist_converged", fashion_mnist_converged_base,
+        "Fashion-MNIST, 200 images/class, no augmentation, small_resnet, 40 epochs",
+        ablation_seeds=(0, 1, 2)),
     "fashion_mnist": Suite("fashion_mnist", fashion_mnist_base,
                            "Fashion-MNIST, 500 images/class, small_resnet, 8 epochs"),
     # Does the schedule's length decide the mixup-based methods' place? One seed, 3 rows.

@@ -67,7 +67,7 @@ _RETIME = flags.DEFINE_bool("retime", False, "measure the step times again")
 TIMING_FILE = "experiment_timing.json"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Suites whose reports are committed under experiments/results/<suite>.
-COMMITTED_SUITES = ("fashion_mnist", "fashion_mnist_long")
+COMMITTED_SUITES = ("fashion_mnist", "fashion_mnist_long", "fashion_mnist_converged")
 USAGE_ERROR_EXIT_CODE = 2
 
 
@@ -156,8 +156,16 @@ def selected_runs(suite: protocol.Suite, seeds: Sequence[str] | None,
   return runs
 
 
+def training_order(runs: Sequence[protocol.Run]) -> list[protocol.Run]:
+  """Main table before ablations, and seed by seed within each (every method of seed 0, then
+  of seed 1, ...): a suite stopped part-way has whole seeds, which the paired comparisons
+  need, rather than some methods with every seed and others with none."""
+  return sorted(runs, key=lambda r: (r.ablation, r.seed))  # stable: the table's row order
+
+
 def train_all(runs: Sequence[protocol.Run], workdir: str) -> None:
   from mixskd_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  runs = training_order(runs)
   for i, run in enumerate(runs):
     run_dir = os.path.join(workdir, run.name)
     if is_finished(run_dir):

@@ -203,6 +203,22 @@ def test_resuming_under_another_config_is_refused_naming_the_fields(tmp_path):
   run_guard.check_resume(str(tmp_path), changed, has_checkpoints=False)  # nothing to resume
 
 
+def test_a_field_added_after_the_run_was_saved_is_no_change_at_its_default(tmp_path):
+  """A workdir saved before a library upgrade added a field resumes when the new field is at
+  its default (it trains what the run trained), and is refused when it is not."""
+  config = config_schema.base_config()
+  _stored_run(tmp_path, config)
+  stored = json.loads((tmp_path / "config.json").read_text())
+  del stored["objective"]["temperature"], stored["seed"]  # as if added since
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  run_guard.check_resume(str(tmp_path), config_schema.base_config(), has_checkpoints=True)
+  changed = config_schema.base_config()
+  changed.objective.temperature = 4.0
+  with pytest.raises(run_guard.ConfigChangedError, match=r"objective\.temperature \(absent\) "
+                     r"-> 4\.0"):
+    run_guard.check_resume(str(tmp_path), changed, has_checkpoints=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # SIGKILL anywhere: the same command ends like an uninterrupted run (the slow tier).
 

@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from mixskd_jax import config_schema
 from mixskd_jax.train import workdir as workdir_lib
 from mixskd_jax.train.preflight import PreflightError
 
@@ -38,7 +39,8 @@ CONFIG_FILE = "config.json"
 # config is the resolved one, so per_device_batch_size follows the device count while the
 # global batch_size, which is compared, stays.)
 FREE_TO_CHANGE = (
-    "per_device_batch_size", "log_every_steps", "eval_every_epochs", "eval_batch_size", "eval_calibration_bins",
+    "per_device_batch_size", "log_every_steps", "eval_every_epochs", "eval_batch_size",
+    "eval_calibration_bins", "eval_on_train_set",
     "checkpoint_every_steps", "keep_checkpoints", "resume_policy", "max_param_norm_ratio",
     "num_train_steps", "data.data_dir", "data.manual_dir", "data.idx_dir", "data.prefetch",
     "data.device_prefetch", "data.test_examples", "model.conv_input_barrier",
@@ -143,6 +145,12 @@ def config_changes(stored: dict, current: dict) -> list[tuple[str, Any, Any]]:
   old = _leaves(stored)
   new = _leaves(json.loads(json.dumps(current)))
   missing = object()
+  # A field the stored config lacks because it was added to the library after the run was
+  # saved: at its default it trains what the run trained, so it is no change.
+  defaults = _leaves(json.loads(json.dumps(config_schema.base_config().to_dict())))
+  for field in set(new) - set(old):
+    if field in defaults and new[field] == defaults[field]:
+      old[field] = new[field]
   return [(field, old.get(field, missing), new.get(field, missing))
           for field in sorted(set(old) | set(new))
           if not _is_free(field) and old.get(field, missing) != new.get(field, missing)]
