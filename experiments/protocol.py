@@ -21,7 +21,7 @@ table, the seeds, and the MixSKD ablations. `suite_runs(suite)` lists every run 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import ml_collections
 
@@ -30,11 +30,14 @@ from mixskd_jax import config_schema, recipes
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-  """One row of a table: `method` (train.methods.METHODS), MixSKD `variant`, weight overrides."""
+  """One row of a table: `method` (train.methods.METHODS), MixSKD `variant`, weight and other
+  config overrides."""
   name: str
   method: str
   variant: str | None = None
   weights: tuple[tuple[str, float], ...] = ()
+  # Other config fields of this row, as (dotted field, value) pairs.
+  overrides: tuple[tuple[str, Any], ...] = ()
 
 
 # The main table: the baselines of issue #4 / spec §7, then MixSKD's three variants.
@@ -73,6 +76,8 @@ class Suite:
   ablation_seeds: tuple[int, ...] = (0,)
   methods: tuple[MethodSpec, ...] = MAIN_METHODS
   ablations: tuple[MethodSpec, ...] = ABLATIONS
+  # Rows that probe a finding (options off in the reference variants); run at ablation_seeds.
+  investigations: tuple[MethodSpec, ...] = ()
 
 
 def fashion_mnist_base() -> ml_collections.ConfigDict:
@@ -184,6 +189,14 @@ def make_config(base: ml_collections.ConfigDict, spec: MethodSpec,
   c.seed = seed
   for term, weight in spec.weights:
     c.objective.weights[term] = weight
+  for dotted, value in spec.overrides:
+    *parents, leaf = dotted.split(".")
+    node = c
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise ValueError(f"Row {spec.name!r} overrides config.{dotted}, which does not exist.")
+    node[leaf] = value
   return c
 
 
@@ -195,7 +208,8 @@ def suite_runs(suite: Suite, *, ablations: bool = True) -> list[Run]:
           for spec in suite.methods for seed in suite.seeds]
   if ablations:
     runs += [Run(spec, seed, True, make_config(base, spec, seed))
-             for spec in suite.ablations for seed in suite.ablation_seeds]
+             for spec in suite.ablations + suite.investigations
+             for seed in suite.ablation_seeds]
   return runs
 
 

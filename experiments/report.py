@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments import protocol
+from experiments import analysis, protocol, tables
 from mixskd_jax.train.steps import expected_calibration_error
 
 MIXSKD_HEADS_RUN = "mixskd_full"
@@ -68,18 +68,6 @@ def _mean_confidence(calibration: dict | None) -> float | None:
   return 100.0 * sum(calibration["confidence"]) / sum(calibration["count"])
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-  values = np.asarray(values, np.float64)
-  std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
-  return float(np.mean(values)), std
-
-
-def _fmt(mean: float, std: float, digits: int = 2) -> str:
-  if np.isnan(std):
-    return f"{mean:.{digits}f}"
-  return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def summarize(suite: protocol.Suite, runs: Sequence[protocol.Run], loaded: dict[str, dict],
               step_timing: dict[str, dict] | None = None) -> dict[str, Any]:
   """Per row: per-seed final/best top-1, ECE, step time; then means, stds and cost vs CE.
@@ -105,13 +93,19 @@ def summarize(suite: protocol.Suite, runs: Sequence[protocol.Run], loaded: dict[
                                if k.startswith("eval/top1/")},
         "step_time_s": r.get("train_step_time_s"),
         "wall_time_s": data["timing"].get("wall_time_s"),
+        # Convergence: the last epoch's training-batch accuracy, how far test top-1 moves
+        # over the last 20% of epochs, and (MixSKD) the self-teacher's lead over the backbone.
+        "train_accuracy_last_epoch": analysis.final_train_accuracy(
+            data["train"], after_step=r["num_steps"] * (1 - 1 / run.config.num_epochs)),
+        "late_movement": analysis.late_movement(data["eval"], run.config.num_epochs),
+        "teacher_lead": analysis.teacher_lead(data["eval"]),
     }
   for row in rows.values():
     seeds = row["seeds"].values()
     for key in ("final_top1", "best_top1", "max_over_heads_best", "ece"):
       values = [s[key] for s in seeds if s[key] is not None]
       if values:
-        row[key + "_mean"], row[key + "_std"] = _mean_std(values)
+        row[key + "_mean"], row[key + "_std"] = tables.mean_std(values)
     times = [s["step_time_s"] for s in seeds if s["step_time_s"]]
     row["in_run_step_time_s_median"] = float(np.median(times)) if times else None
     row["step_time_s_median"] = row["in_run_step_time_s_median"]
@@ -125,48 +119,6 @@ def summarize(suite: protocol.Suite, runs: Sequence[protocol.Run], loaded: dict[
     t = row["step_time_s_median"]
     row["cost_vs_cross_entropy"] = t / reference if t and reference else None
   return rows
-
-
-def main_table(suite: protocol.Suite, rows: dict[str, dict]) -> str:
-  lines = [
-      "| method | top-1 % (last epoch) | seeds | top-1 % (best epoch) | MixSKD max over heads, "
-      "best epoch | ECE % | step (ms) | cost vs CE |",
-      "|---|---|---|---|---|---|---|---|"]
-  for spec in suite.methods:
-    row = rows.get(spec.name)
-    if row is None:
-      lines.append(f"| {spec.name} | not run | | | | | | |")
-      continue
-    heads = (_fmt(row["max_over_heads_best_mean"], row["max_over_heads_best_std"])
-             if spec.method == "mixskd" else "")
-    step = row["step_time_s_median"]
-    cost = row["cost_vs_cross_entropy"]
-    lines.append(
-        f"| {spec.name} | {_fmt(row['final_top1_mean'], row['final_top1_std'])} "
-        f"| {len(row['seeds'])} | {_fmt(row['best_top1_mean'], row['best_top1_std'])} "
-        f"| {heads} | {_fmt(row['ece_mean'], row['ece_std'])} "
-        f"| {'' if step is None else f'{1000 * step:.0f}'} "
-        f"| {'' if cost is None else f'{cost:.2f}x'} |")
-  return "\n".join(lines) + "\n"
-
-
-def ablation_table(suite: protocol.Suite, rows: dict[str, dict]) -> str:
-  seeds = suite.ablation_seeds
-  full = rows.get("mixskd_full", {}).get("seeds", {})
-  base = [full[s]["final_top1"] for s in seeds if s in full]
-  lines = ["| MixSKD `full` | top-1 % (last epoch) | change vs full |", "|---|---|---|"]
-  if base:
-    lines.append(f"| full (all terms) | {np.mean(base):.2f} | |")
-  for spec in suite.ablations:
-    row = rows.get(spec.name)
-    if row is None:
-      lines.append(f"| {spec.name} | not run | |")
-      continue
-    values = [row["seeds"][s]["final_top1"] for s in seeds if s in row["seeds"]]
-    delta = f"{np.mean(values) - np.mean(base):+.2f}" if base and values else ""
-    lines.append(f"| {spec.name} | {np.mean(values):.2f} | {delta} |")
-  return (f"Seed(s) {', '.join(map(str, seeds))}; `full` is the main table's run of the same "
-          "seed.\n\n" + "\n".join(lines) + "\n")
 
 
 def _plots(suite: protocol.Suite, runs: Sequence[protocol.Run], loaded: dict[str, dict],
@@ -316,12 +268,20 @@ def write_report(suite: protocol.Suite, runs: Sequence[protocol.Run], workdir: s
     with open(timing_path) as f:
       step_timing = json.load(f)
   rows = summarize(suite, runs, loaded, step_timing)
-  main = main_table(suite, rows)
-  ablation = ablation_table(suite, rows)
+  main = tables.main_table(suite, rows)
+  ablation = tables.ablation_table(suite, rows)
   with open(os.path.join(results_dir, "table.md"), "w") as f:
     f.write(f"# {suite.description}\n\n{main}")
   with open(os.path.join(results_dir, "ablation.md"), "w") as f:
     f.write(f"# MixSKD `full` ablation: {suite.description}\n\n{ablation}")
+  extra = {"comparisons.md": ("Paired comparisons", tables.comparison_table(suite, rows)),
+           "convergence.md": ("Convergence", tables.convergence_table(suite, rows)),
+           "teacher.md": ("The self-teacher against the backbone",
+                          tables.teacher_table(suite, rows))}
+  for name, (title, text) in extra.items():
+    if text:
+      with open(os.path.join(results_dir, name), "w") as f:
+        f.write(f"# {title}: {suite.description}\n\n{text}")
   plots = _plots(suite, runs, loaded, results_dir)
   env = environment()
   total = sum(d["timing"].get("wall_time_s") or 0.0 for d in loaded.values())

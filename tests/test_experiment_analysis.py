@@ -1,0 +1,95 @@
+"""The statistics of the comparison reports (experiments/analysis.py, experiments/tables.py)
+against hand-computed values and scipy's own paired t-test."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments import analysis, protocol, tables
+
+
+def test_paired_difference_matches_scipy_and_hand_values():
+  a = {0: 85.0, 1: 86.5, 2: 84.0, 7: 99.0}  # seed 7 has no partner: left out
+  b = {0: 84.0, 1: 85.0, 2: 83.5}
+  diff = analysis.paired_difference(a, b)
+  d = np.array([1.0, 1.5, 0.5])
+  assert diff["n"] == 3 and diff["wins"] == 3
+  assert diff["mean"] == pytest.approx(1.0) and diff["sd"] == pytest.approx(0.5)
+  expected = stats.ttest_rel([85.0, 86.5, 84.0], [84.0, 85.0, 83.5])
+  assert diff["p"] == pytest.approx(expected.pvalue, rel=1e-12)
+  # t = 1.0 / (0.5 / sqrt 3) = 3.464 on 2 degrees of freedom: p = 0.0742, not significant.
+  assert diff["p"] == pytest.approx(0.07418, abs=1e-4) and not diff["significant"]
+  half = stats.t.ppf(0.975, 2) * 0.5 / math.sqrt(3)  # 4.303 * 0.2887 = 1.242
+  assert diff["ci95"] == pytest.approx((1.0 - half, 1.0 + half))
+  assert half == pytest.approx(1.242, abs=1e-3)
+  assert d.mean() == diff["mean"]
+
+
+def test_paired_difference_edge_cases():
+  assert analysis.paired_difference({0: 1.0}, {0: 2.0}) is None
+  same = analysis.paired_difference({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})
+  assert same["sd"] == 0.0 and same["p"] == 0.0 and same["significant"]
+  equal = analysis.paired_difference({0: 2.0, 1: 3.0}, {0: 2.0, 1: 3.0})
+  assert equal["p"] == 1.0 and not equal["significant"] and equal["wins"] == 0
+  clear = analysis.paired_difference({0: 90.0, 1: 91.0, 2: 90.4}, {0: 85.0, 1: 85.9, 2: 85.5})
+  assert clear["significant"] and clear["p"] < 0.001
+
+
+def test_late_movement_uses_the_last_fifth_of_epochs():
+  history = [{"epoch": e, "eval/top1/backbone": v}
+             for e, v in [(4, 50.0), (28, 80.0), (32, 84.0), (36, 84.3), (40, 84.1)]]
+  assert analysis.late_movement(history, 40) == pytest.approx(0.3)  # epochs 32, 36, 40
+  assert analysis.late_movement(history[:3], 40) is None  # one evaluation at >= 32
+
+
+def test_final_train_accuracy_averages_the_windows_after_the_step():
+  history = [{"step": s, "train/accuracy/backbone": v}
+             for s, v in [(15, 0.5), (30, 0.9), (45, 1.0), (60, 0.98)]]
+  assert analysis.final_train_accuracy(history, after_step=30) == pytest.approx(99.0)
+  assert analysis.final_train_accuracy(history, after_step=60) is None
+
+
+def test_teacher_lead_and_the_epoch_it_leads_for_good():
+  history = [{"epoch": e, "eval/top1/backbone": b, "eval/top1/self_teacher": t}
+             for e, b, t in [(4, 50, 52), (8, 60, 59), (12, 70, 71), (16, 75, 77)]]
+  lead = analysis.teacher_lead(history)
+  assert lead == [(4, 2), (8, -1), (12, 1), (16, 2)]
+  assert analysis.first_lead_epoch(lead) == 12
+  assert analysis.first_lead_epoch([(4, 1.0), (8, -0.5)]) is None
+  assert analysis.teacher_lead([{"epoch": 4, "eval/top1/backbone": 50}]) == []
+
+
+def _rows(values):
+  """name -> seed -> final top-1, as report.summarize shapes rows (other keys empty)."""
+  return {name: {"seeds": {seed: {"final_top1": v, "train_accuracy_last_epoch": 100.0,
+                                  "late_movement": 0.2, "teacher_lead": [(4, -1.0), (8, 1.0)]}
+                           for seed, v in per_seed.items()}}
+          for name, per_seed in values.items()}
+
+
+def test_ablation_and_comparison_tables_show_paired_differences():
+  suite = protocol.get_suite("fashion_mnist_converged")
+  rows = _rows({"mixskd_full": {0: 80.0, 1: 81.0, 2: 80.5},
+                "full_without_kl": {0: 82.0, 1: 83.5, 2: 82.5},
+                "cross_entropy": {0: 84.0, 1: 84.5, 2: 84.2}})
+  ablation = tables.ablation_table(suite, rows)
+  diff = analysis.paired_difference(rows_final(rows, "full_without_kl"),
+                                    rows_final(rows, "mixskd_full"))
+  assert f"| full_without_kl | 82.67 ± 0.76 | **{diff['mean']:+.2f}** |" in ablation
+  assert "| full (all terms) | 80.50 ± 0.50 |" in ablation
+  assert "| full_without_feature_mse | not run |" in ablation
+  comparison = tables.comparison_table(suite, rows)
+  ce = analysis.paired_difference(rows_final(rows, "mixskd_full"),
+                                  rows_final(rows, "cross_entropy"))
+  assert f"| mixskd_full | **{ce['mean']:+.2f}** |" in comparison and ce["significant"]
+  assert "3/3" in comparison.split("method - mixskd_full")[1]  # cross-entropy above full
+  convergence = tables.convergence_table(suite, rows)
+  assert "| cross_entropy | 100.00 ± 0.00 | 0.20 ± 0.00 |" in convergence
+  teacher = tables.teacher_table(suite, rows)
+  assert "| mixskd_full | -1.00 ± 0.00 | 1.00 ± 0.00 | 8, 8, 8 |" in teacher
+
+
+def rows_final(rows, name):
+  return {s: v["final_top1"] for s, v in rows[name]["seeds"].items()}
