@@ -11,6 +11,11 @@ variant, and which parameters each variant trains (spec §B.3-B.4):
   between the pooled features and the discriminators: one backward pass trains the
   discriminators to separate interpolated from mixup features (they descend the BCE)
   while the network receives the negated gradient and learns to fool them.
+
+Two research options, off by default (off, every variant computes exactly the reference's
+operations): a linear warm-up of the distillation KL terms' weights (`kl_warmup_scale`, applied
+through `mixskd_loss(..., term_scales=...)` by the trainer), and `ObjectiveConfig.kl_gate`,
+which keeps `kl_self_teacher` only on steps where the self-teacher out-predicts the backbone.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ from mixskd_jax.models.outputs import ModelOutputs
 VARIANTS = ("reference_cifar", "full", "adversarial")
 TERMS = ("clean_ce", "mixup_ce", "self_teacher_ce", "kl_self_teacher", "kl_branches",
          "feature_mse", "discriminator")
+# The distillation KL terms: what `kl_warmup_scale` ramps.
+KL_TERMS = ("kl_self_teacher", "kl_branches")
+# ObjectiveConfig.kl_gate: "none"; "teacher_leads" multiplies kl_self_teacher by 1 on steps
+# where the self-teacher's batch accuracy exceeds the backbone head's, else 0; "monitor"
+# computes and logs the same gate and accuracies without applying it.
+KL_GATES = ("none", "teacher_leads", "monitor")
 TRAINABLE, FROZEN = trainable.TRAINABLE, trainable.FROZEN
 
 
@@ -44,11 +55,16 @@ class ObjectiveConfig:
       variant leaves out, which are 0 and still logged).
     gradient_reversal_scale: factor on the reversed gradient that reaches the network from
       the discriminators (`adversarial` only).
+    kl_gate: one of KL_GATES (research option; "none" is the reference). With
+      "teacher_leads", `kl_self_teacher` enters the loss only on steps where the self-teacher
+      is more accurate than the backbone head on the rows that term pairs (`_kl_gate_accuracies`);
+      "monitor" only logs that gate. Both log `kl_gate_open` (1/0) and the two accuracies.
   """
   variant: str = "full"
   temperature: float = 3.0
   weights: tuple[tuple[str, float], ...] = tuple((t, 1.0) for t in TERMS)
   gradient_reversal_scale: float = 1.0
+  kl_gate: str = "none"
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -58,11 +74,14 @@ class ObjectiveConfig:
     names = [n for n, _ in self.weights]
     if sorted(names) != sorted(TERMS):
       raise ValueError(f"objective weights must name each of {TERMS} once; got {names}.")
+    if self.kl_gate not in KL_GATES:
+      raise ValueError(f"objective kl_gate={self.kl_gate!r} is unknown; use one of {KL_GATES}.")
 
   @classmethod
   def for_variant(cls, variant: str = "full", *, temperature: float = 3.0,
                   weights: Mapping[str, float] | None = None,
-                  gradient_reversal_scale: float = 1.0) -> "ObjectiveConfig":
+                  gradient_reversal_scale: float = 1.0,
+                  kl_gate: str = "none") -> "ObjectiveConfig":
     """The variant's reference weights, with any of them overridden by `weights`."""
     defaults = {t: 1.0 for t in TERMS}
     if variant == "reference_cifar":
@@ -73,7 +92,7 @@ class ObjectiveConfig:
     defaults.update(weights or {})
     return cls(variant=variant, temperature=float(temperature),
                weights=tuple((t, float(defaults[t])) for t in TERMS),
-               gradient_reversal_scale=float(gradient_reversal_scale))
+               gradient_reversal_scale=float(gradient_reversal_scale), kl_gate=kl_gate)
 
   def weight(self, term: str) -> float:
     return dict(self.weights)[term]
@@ -104,6 +123,43 @@ def _reversal_bwd(scale, _, g):
 gradient_reversal.defvjp(_reversal_fwd, _reversal_bwd)
 
 
+def kl_warmup_scale(step: jax.Array, *, steps_per_epoch: int,
+                    warmup_epochs: float) -> jax.Array:
+  """The distillation KL terms' weight factor at `step`: a linear ramp over fractional epochs,
+  min(1, (step / steps_per_epoch) / warmup_epochs), so 0 at step 0 and 1 from `warmup_epochs`
+  epochs on. Float32 (); pass it as `mixskd_loss(..., term_scales={t: s for t in KL_TERMS})`.
+  """
+  if not warmup_epochs > 0 or steps_per_epoch < 1:
+    raise ValueError(f"kl_warmup_scale needs warmup_epochs > 0 and steps_per_epoch >= 1, got "
+                     f"{warmup_epochs} and {steps_per_epoch}; a warm-up of 0 is no ramp.")
+  steps = jnp.float32(steps_per_epoch * warmup_epochs)
+  return jnp.minimum(jnp.float32(1.0), jnp.asarray(step, jnp.float32) / steps)
+
+
+def _mixup_accuracy(logits: jax.Array, labels_a: jax.Array, labels_b: jax.Array,
+                    lam: jax.Array) -> jax.Array:
+  """(N,) top-1 accuracy against a mixup target, credited as the mixup CE weighs its labels:
+  lam * [argmax = y_a] + (1 - lam) * [argmax = y_b] (1 or 0 when y_a = y_b)."""
+  pred = jnp.argmax(logits, axis=-1)
+  lam = losses.upcast(lam)
+  return lam * (pred == labels_a) + (1.0 - lam) * (pred == labels_b)
+
+
+def _scaled_weights(config: ObjectiveConfig, term_scales: Mapping[str, Any] | None,
+                    gate: jax.Array | None) -> dict[str, Any]:
+  """Each term's weight: the config's, times its `term_scales` entry, times the KL gate for
+  kl_self_teacher when the config applies it. A term with no factor keeps the config's plain
+  float, so with no options the loss is the reference's exact sequence of operations."""
+  scales = dict(term_scales or {})
+  unknown = set(scales) - set(TERMS)
+  if unknown:
+    raise ValueError(f"term_scales names unknown term(s) {sorted(unknown)}; terms are {TERMS}.")
+  if gate is not None and config.kl_gate == "teacher_leads":
+    scale = scales.get("kl_self_teacher")
+    scales["kl_self_teacher"] = gate if scale is None else scale * gate
+  return {t: config.weight(t) * scales[t] if t in scales else config.weight(t) for t in TERMS}
+
+
 def _check_outputs(outputs: ModelOutputs, batch: int) -> None:
   if len(outputs.features) != outputs.num_heads:
     raise ValueError(f"outputs has {outputs.num_heads} logits but {len(outputs.features)} "
@@ -116,9 +172,13 @@ def _check_outputs(outputs: ModelOutputs, batch: int) -> None:
 
 def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
                     self_teacher: Callable, discriminators: Callable, config: ObjectiveConfig,
-                    pooling: str) -> dict[str, list[jax.Array]]:
+                    pooling: str
+                    ) -> tuple[dict[str, list[jax.Array]], dict[str, jax.Array] | None]:
   """Every term as a list of per-example (B,) arrays, one per head; a head pair's two
-  directions of a mutual KL stay a tuple, so its batch means add in the reference's order."""
+  directions of a mutual KL stay a tuple, so its batch means add in the reference's order.
+
+  Also, when `config.kl_gate` is not "none", the per-example (B,) accuracies the gate
+  compares (`_kl_gate_accuracies`), else None."""
   _check_outputs(outputs, labels.shape[0])
   num_heads = outputs.num_heads
   groups = mix.num_groups
@@ -146,6 +206,12 @@ def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
     pooled = [gradient_reversal(p, config.gradient_reversal_scale) for p in pooled]
   disc_logits = discriminators(pooled)
 
+  accuracies = None
+  if config.kl_gate != "none":
+    accuracies = _kl_gate_accuracies(
+        students=(interp_logits[-1], mixup_logits[-1]),
+        teachers=(teacher_mixup, teacher_interp), labels=labels, labels_b=labels_b, lam=lam)
+
   return {
       "clean_ce": [losses.cross_entropy(c, labels) for c in clean_logits],
       "mixup_ce": [mix_ce(m) for m in mixup_logits],
@@ -159,7 +225,26 @@ def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
       "feature_mse": [losses.feature_mse(i, m) for i, m in zip(interp_feats, mixup_feats)],
       "discriminator": [losses.discriminator_bce(*mixing.split_views(d, groups))
                         for d in disc_logits],
-  }
+  }, accuracies
+
+
+def _kl_gate_accuracies(*, students, teachers, labels, labels_b, lam) -> dict[str, jax.Array]:
+  """The per-example accuracies the KL gate compares, on exactly the rows kl_self_teacher
+  pairs: its students (the backbone head's interpolated and mixup logits) and its teachers
+  (the self-teacher on the mixup and on the interpolated features). All four predict the same
+  mixup target lam * y_a + (1 - lam) * y_b; each side's accuracy is the mean over its two
+  views of `_mixup_accuracy`. No gradient."""
+  acc = lambda zs: 0.5 * sum(_mixup_accuracy(z, labels, labels_b, lam) for z in zs)
+  return jax.lax.stop_gradient({"teacher": acc(teachers), "backbone": acc(students)})
+
+
+def _gate_logs(teacher_accuracy: jax.Array, backbone_accuracy: jax.Array
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The gate (1.0 when the self-teacher's accuracy strictly exceeds the backbone's, else 0.0;
+  a tie closes it) and what it logs."""
+  gate = (teacher_accuracy > backbone_accuracy).astype(jnp.float32)
+  return gate, {"kl_gate_open": gate, "kl_gate/teacher_accuracy": teacher_accuracy,
+                "kl_gate/backbone_accuracy": backbone_accuracy}
 
 
 def _batch_mean(values: jax.Array, where: jax.Array | None, axis_name: Any) -> jax.Array:
@@ -186,6 +271,7 @@ def mixskd_loss(
     pooling: str = "spatial_mean",
     where: jax.Array | None = None,
     axis_name: Any = None,
+    term_scales: Mapping[str, jax.Array | float] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The MixSKD objective of one step.
 
@@ -206,24 +292,35 @@ def mixskd_loss(
     axis_name: inside `shard_map` (or another mapped context), the mesh axis the batch is
       split over: every mean is then over the whole global batch (psum of sums and counts),
       and the loss is the same on every device.
+    term_scales: optional term name -> scalar factor (a traced value is fine) on that term's
+      weight for this step, e.g. `kl_warmup_scale` on the KL_TERMS. A term whose config weight
+      is 0 stays out of the loss whatever its factor.
 
   Returns:
     (loss, terms): the weighted scalar loss and every term by name (unweighted, float32),
-    plus `loss` itself. Each term is the sum over heads of that head's batch mean.
+    plus `loss` itself. Each term is the sum over heads of that head's batch mean. With
+    `config.kl_gate` set, also `kl_gate_open` (1.0 or 0.0) and the accuracies it compared,
+    `kl_gate/teacher_accuracy` and `kl_gate/backbone_accuracy` (over the real rows).
   """
-  per_head = _per_head_terms(outputs, labels, mix, self_teacher=self_teacher,
-                             discriminators=discriminators, config=config, pooling=pooling)
+  per_head, accuracies = _per_head_terms(
+      outputs, labels, mix, self_teacher=self_teacher, discriminators=discriminators,
+      config=config, pooling=pooling)
   mean = lambda v: (sum(_batch_mean(u, where, axis_name) for u in v) if isinstance(v, tuple)
                     else _batch_mean(v, where, axis_name))
   terms = {name: sum((mean(v) for v in values), jnp.zeros((), jnp.float32))
            for name, values in per_head.items()}
+  gate, gate_logs = None, {}
+  if accuracies is not None:
+    gate, gate_logs = _gate_logs(_batch_mean(accuracies["teacher"], where, axis_name),
+                                 _batch_mean(accuracies["backbone"], where, axis_name))
+  weights = _scaled_weights(config, term_scales, gate)
   loss = jnp.zeros((), jnp.float32)
   for name, value in terms.items():
     # A left-out term (weight 0) is logged but never enters the loss, so it sends exactly
     # no gradient (the reference's unused L_mixcls, its never-updated self-teacher).
     if config.weight(name):
-      loss = loss + config.weight(name) * value
-  terms = {name: jax.lax.stop_gradient(v) for name, v in terms.items()}
+      loss = loss + weights[name] * value
+  terms = {name: jax.lax.stop_gradient(v) for name, v in {**terms, **gate_logs}.items()}
   terms["loss"] = jax.lax.stop_gradient(loss)
   return loss, terms
 
@@ -237,23 +334,34 @@ def mixskd_per_example_terms(
     discriminators: Callable[[Sequence[jax.Array]], Sequence[jax.Array]],
     config: ObjectiveConfig,
     pooling: str = "spatial_mean",
+    term_scales: Mapping[str, jax.Array | float] | None = None,
 ) -> dict[str, jax.Array]:
   """Every MixSKD term per clean example (summed over heads) and their weighted sum `loss`.
 
   Same arguments as `mixskd_loss`. The batch mean of each entry is `mixskd_loss`'s term; use
-  these to weight examples, mask them, or reduce them your own way.
+  these to weight examples, mask them, or reduce them your own way. With `config.kl_gate` set,
+  the gate is decided on the whole batch given (a batch-level quantity), and the gate's
+  entries are (B,) too: `kl_gate_open` repeated, the per-example accuracies.
 
   Returns:
     term name -> (B,) float32, plus "loss": (B,) weighted sum of the terms with non-zero
     weight. Gradients flow as in `mixskd_loss`.
   """
-  per_head = _per_head_terms(outputs, labels, mix, self_teacher=self_teacher,
-                             discriminators=discriminators, config=config, pooling=pooling)
+  per_head, accuracies = _per_head_terms(
+      outputs, labels, mix, self_teacher=self_teacher, discriminators=discriminators,
+      config=config, pooling=pooling)
   zero = jnp.zeros(labels.shape, jnp.float32)
   terms = {name: sum((sum(v) if isinstance(v, tuple) else v for v in values), zero)
            for name, values in per_head.items()}
-  terms["loss"] = sum((config.weight(n) * v for n, v in terms.items() if config.weight(n)),
-                      zero)
+  gate, gate_logs = None, {}
+  if accuracies is not None:
+    gate, _ = _gate_logs(jnp.mean(accuracies["teacher"]), jnp.mean(accuracies["backbone"]))
+    gate_logs = {"kl_gate_open": jnp.broadcast_to(gate, zero.shape),
+                 "kl_gate/teacher_accuracy": accuracies["teacher"],
+                 "kl_gate/backbone_accuracy": accuracies["backbone"]}
+  weights = _scaled_weights(config, term_scales, gate)
+  terms["loss"] = sum((weights[n] * v for n, v in terms.items() if config.weight(n)), zero)
+  terms.update(gate_logs)
   return terms
 
 
@@ -264,6 +372,8 @@ def apply_mixskd(
     labels: jax.Array,
     mix: MixParams,
     config: ObjectiveConfig,
+    *,
+    term_scales: Mapping[str, jax.Array | float] | None = None,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], ModelOutputs, Any]]:
   """Mixes `images`, runs a `MixSKDNetwork` in train mode on both views, computes the loss.
 
@@ -278,6 +388,7 @@ def apply_mixskd(
     labels: (B,) integer labels.
     mix: lam and permutation (see `mixing.sample_mix`).
     config: the objective.
+    term_scales: per-step factors on terms' weights (see `mixskd_loss`).
 
   Returns:
     (loss, (terms, outputs, new_batch_stats)); differentiate with `has_aux=True`.
@@ -287,7 +398,8 @@ def apply_mixskd(
     outputs = module(x, train=True)
     loss, terms = mixskd_loss(outputs, labels, mix, self_teacher=module.teach,
                               discriminators=module.discriminate, config=config,
-                              pooling=getattr(module, "pooling", "spatial_mean"))
+                              pooling=getattr(module, "pooling", "spatial_mean"),
+                              term_scales=term_scales)
     return loss, terms, outputs
 
   (loss, terms, outputs), state = model.apply(

@@ -1,12 +1,14 @@
 """The MixSKD objective: every term against a numpy transcription of the spec (§B.3), the
 variants' weights, and where gradients flow (§B.4) including the optimizer's partition."""
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from mixskd_jax import mixing, objective
 from mixskd_jax.models import FeatureDiscriminators, ModelOutputs, SelfTeacher, build_model
@@ -82,7 +84,8 @@ def synthetic():
               disc=disc, d_vars=d_vars)
 
 
-def run_loss(s, config, logits=None, feats=None, st_params=None, d_params=None, perm=None):
+def run_loss(s, config, logits=None, feats=None, st_params=None, d_params=None, perm=None,
+             labels=None, self_teacher=None, **kw):
   outputs = ModelOutputs(logits=tuple(map(jnp.asarray, logits or s["logits"])),
                          features=tuple(map(jnp.asarray, feats or s["feats"])))
   mix = mixing.MixParams(lam=jnp.float32(s["lam"]),
@@ -90,9 +93,9 @@ def run_loss(s, config, logits=None, feats=None, st_params=None, d_params=None, 
   st_params = s["st_vars"]["params"] if st_params is None else st_params
   d_params = s["d_vars"]["params"] if d_params is None else d_params
   return objective.mixskd_loss(
-      outputs, jnp.asarray(s["y"]), mix,
-      self_teacher=lambda f: s["st"].apply({"params": st_params}, f),
-      discriminators=lambda p: s["disc"].apply({"params": d_params}, p), config=config)
+      outputs, jnp.asarray(s["y"] if labels is None else labels), mix,
+      self_teacher=self_teacher or (lambda f: s["st"].apply({"params": st_params}, f)),
+      discriminators=lambda p: s["disc"].apply({"params": d_params}, p), config=config, **kw)
 
 
 def numpy_reference(s):
@@ -327,3 +330,226 @@ def test_apply_mixskd_rejects_mismatched_outputs(synthetic):
   s = synthetic
   with pytest.raises(ValueError, match="2B"):
     run_loss(s, ObjectiveConfig.for_variant("full"), logits=[z[:B] for z in s["logits"]])
+
+
+# ------------------------------------------- research options: KL warm-up and the KL gate
+# Off by default; off, every variant traces exactly the operations it traced before them.
+class _TinyNet(nn.Module):
+  """The MixSKD network protocol (`__call__`, `teach`, `discriminate`) at its smallest: two
+  heads of Dense logits on Dense "feature maps" (N, 1, 1, 4), so a step compiles in moments."""
+  pooling: str = "spatial_mean"
+
+  def setup(self):
+    self.stems = [nn.Dense(4) for _ in range(2)]
+    self.heads = [nn.Dense(C) for _ in range(2)]
+    self.self_teacher = SelfTeacher(C)
+    self.discriminators = FeatureDiscriminators(hidden=3)
+
+  def __call__(self, x, train=True):
+    feats = tuple(stem(x.reshape(x.shape[0], -1))[:, None, None, :] for stem in self.stems)
+    return ModelOutputs(logits=tuple(h(f[:, 0, 0]) for h, f in zip(self.heads, feats)),
+                        features=feats)
+
+  def teach(self, features):
+    return self.self_teacher(features)
+
+  def discriminate(self, pooled):
+    return self.discriminators(pooled)
+
+  def init_all(self, x):
+    outputs = self(x)
+    return self.teach(outputs.features), self.discriminate(
+        [f.mean((1, 2)) for f in outputs.features])
+
+
+def _option_config(variant="full", **objective_fields):
+  from mixskd_jax import config_schema
+  config = config_schema.base_config()
+  config.objective.variant = variant
+  for key, value in objective_fields.items():
+    config.objective[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+  from mixskd_jax.train.methods import StepInputs
+  model = _TinyNet()
+  rng = np.random.default_rng(3)
+  images = jnp.asarray(rng.normal(size=(B, 4, 4, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, C, B), jnp.int32)
+  # Random parameters in init's structure without running init (eager init costs seconds).
+  shapes = jax.eval_shape(functools.partial(model.init, method=_TinyNet.init_all),
+                          jax.random.key(0), images)
+  variables = jax.tree_util.tree_map(
+      lambda a: jnp.asarray(0.5 * rng.normal(size=a.shape), a.dtype), shapes)
+  inputs = StepInputs(images=images, labels=labels, key=jax.random.key(4),
+                      step=jnp.array(7, jnp.int32), batch={"label": labels}, pair_images=None,
+                      method_state={})
+  return model, variables, inputs
+
+
+@pytest.mark.parametrize("variant", objective.VARIANTS)
+def test_kl_options_off_trace_exactly_todays_objective(tiny_net, variant):
+  """With kl_warmup_epochs = 0 and kl_gate = "none" the method's loss and gradients are the
+  same program (jaxpr) as the objective called with the variant's weights, as before the
+  options: the same operations, so bit-identical values."""
+  from mixskd_jax.train import methods
+  model, variables, inputs = tiny_net
+  method = methods.build_method(_option_config(variant), num_groups=1, steps_per_epoch=3)
+
+  def today(params):  # the MixSKD method before the options existed
+    mix = mixing.sample_mix(inputs.key, B, 0.4, 1, lam_per_group=False)
+    value, (terms, outputs, stats) = objective.apply_mixskd(
+        model, {"params": params}, inputs.images, inputs.labels, mix,
+        ObjectiveConfig.for_variant(variant))
+    clean = tuple(mixing.split_views(z, 1)[0] for z in outputs.logits)
+    return value, (terms, outputs.replace(logits=clean), stats, inputs.method_state)
+
+  now = lambda params: method.loss(model, {"params": params}, inputs)
+  trace = lambda f: str(jax.make_jaxpr(jax.value_and_grad(f, has_aux=True))(
+      variables["params"]))
+  assert trace(now) == trace(today)
+
+
+def test_kl_warmup_scale_is_the_linear_ramp():
+  """min(1, (step / steps_per_epoch) / warmup_epochs): 4 steps an epoch, 2.5 epochs."""
+  scale = lambda step: float(objective.kl_warmup_scale(jnp.int32(step), steps_per_epoch=4,
+                                                       warmup_epochs=2.5))
+  assert scale(0) == 0.0
+  assert scale(5) == 0.5                      # 1.25 epochs of 2.5
+  np.testing.assert_allclose(scale(3), 0.3, rtol=1e-7)
+  assert scale(10) == 1.0 and scale(37) == 1.0
+  with pytest.raises(ValueError, match="warmup_epochs"):
+    objective.kl_warmup_scale(jnp.int32(0), steps_per_epoch=4, warmup_epochs=0.0)
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.5])
+def test_term_scales_scale_exactly_the_named_terms(synthetic, factor):
+  """`term_scales` multiplies the named terms' weights and nothing else; the logged terms stay
+  unweighted."""
+  s = synthetic
+  config = ObjectiveConfig.for_variant("reference_cifar")
+  scales = {t: jnp.float32(factor) for t in objective.KL_TERMS}
+  loss, terms = run_loss(s, config, term_scales=scales)
+  _, plain = run_loss(s, config)
+  for name in objective.TERMS:
+    assert terms[name] == plain[name], name
+  expected = sum(config.weight(t) * (factor if t in objective.KL_TERMS else 1.0) * plain[t]
+                 for t in objective.TERMS)
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  assert set(objective.KL_TERMS) == {t for t in objective.TERMS if t.startswith("kl_")}
+  with pytest.raises(ValueError, match="kl_logits"):
+    run_loss(s, config, term_scales={"kl_logits": 1.0})
+
+
+# Hand-made predictions for the gate: the labels never use class C - 1, so a head predicting
+# it everywhere has accuracy exactly 0; one predicting each example's own label y_a has the
+# lam-weighted accuracy lam + (1 - lam) [y_b = y_a] on every mixed row.
+GATE_LABELS = np.array([0, 1, 2, 3, 0, 1])
+
+
+def _gate_case(s, teacher_good, backbone_good):
+  own = 10.0 * np.eye(C, dtype=np.float32)[GATE_LABELS]
+  wrong = np.tile(10.0 * np.eye(C, dtype=np.float32)[C - 1], (B, 1))
+  teacher = np.concatenate([own if teacher_good else wrong] * 2)  # [interp view; mixup view]
+  # Backbone: the clean rows make the interpolated logits, the mixed rows are m_4.
+  backbone = np.concatenate([own, own]) if backbone_good else np.concatenate([wrong, wrong])
+  logits = [jnp.asarray(z) for z in s["logits"][:-1]] + [jnp.asarray(backbone)]
+  return dict(logits=logits, labels=jnp.asarray(GATE_LABELS),
+              self_teacher=lambda f: jnp.asarray(teacher))
+
+
+def test_kl_gate_opens_only_when_the_teacher_is_more_accurate(synthetic):
+  """kl_gate="teacher_leads": 1 when the self-teacher's lam-weighted accuracy on the rows
+  kl_self_teacher pairs beats the backbone head's, 0 when it is worse or tied; it weighs
+  kl_self_teacher and nothing else. "monitor" logs the same gate and never applies it."""
+  s = synthetic
+  lam, y_b = s["lam"], GATE_LABELS[s["perm"]]
+  same = (y_b == GATE_LABELS).astype(np.float64)
+  gated = ObjectiveConfig.for_variant("full", kl_gate="teacher_leads")
+  plain = ObjectiveConfig.for_variant("full")
+  no_st = ObjectiveConfig.for_variant("full", weights={"kl_self_teacher": 0.0})
+  grad = lambda cfg, case: jax.grad(lambda z: run_loss(s, cfg, **{**case, "logits": z})[0])(
+      case["logits"])
+
+  # The teacher predicts y_a on both views, the backbone a class no label has: gate open.
+  case = _gate_case(s, teacher_good=True, backbone_good=False)
+  loss, terms = run_loss(s, gated, **case)
+  ref_loss, ref_terms = run_loss(s, plain, **case)
+  assert float(terms["kl_gate_open"]) == 1.0
+  np.testing.assert_allclose(terms["kl_gate/teacher_accuracy"],
+                             np.mean(lam + (1 - lam) * same), rtol=1e-6)
+  assert float(terms["kl_gate/backbone_accuracy"]) == 0.0
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-7)
+  for name in objective.TERMS:
+    assert terms[name] == ref_terms[name], name
+
+  # The backbone predicts y_a on the mixup rows (y_b on the interpolated ones, lam < 1/2),
+  # the teacher a class no label has: gate closed, kl_self_teacher alone leaves the loss.
+  assert lam < 0.5
+  case = _gate_case(s, teacher_good=False, backbone_good=True)
+  loss, terms = run_loss(s, gated, **case)
+  assert float(terms["kl_gate_open"]) == 0.0
+  assert float(terms["kl_gate/teacher_accuracy"]) == 0.0
+  np.testing.assert_allclose(terms["kl_gate/backbone_accuracy"], np.mean((1 + same) / 2),
+                             rtol=1e-6)
+  assert float(terms["kl_self_teacher"]) > 0  # still logged, unweighted
+  np.testing.assert_allclose(loss, run_loss(s, no_st, **case)[0], rtol=1e-7)
+  for a, b in zip(grad(gated, case), grad(no_st, case)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  monitor_loss, monitor = run_loss(
+      s, ObjectiveConfig.for_variant("full", kl_gate="monitor"), **case)
+  assert float(monitor["kl_gate_open"]) == 0.0
+  np.testing.assert_allclose(monitor_loss, run_loss(s, plain, **case)[0], rtol=1e-7)
+
+  # Per example: the batch means of the gate's entries and of the loss are mixskd_loss's.
+  per_example = objective.mixskd_per_example_terms(
+      ModelOutputs(logits=tuple(case["logits"]), features=tuple(map(jnp.asarray, s["feats"]))),
+      case["labels"], mixing.MixParams(lam=jnp.float32(lam), perm=jnp.asarray(s["perm"])),
+      self_teacher=case["self_teacher"], discriminators=lambda p: s["disc"].apply(s["d_vars"], p),
+      config=gated)
+  for name in ("kl_gate_open", "kl_gate/teacher_accuracy", "kl_gate/backbone_accuracy", "loss"):
+    np.testing.assert_allclose(np.mean(per_example[name]), terms[name], rtol=1e-5, atol=1e-7)
+
+  # Both wrong: a tie, and a tie keeps the gate closed.
+  _, terms = run_loss(s, gated, **_gate_case(s, teacher_good=False, backbone_good=False))
+  assert float(terms["kl_gate_open"]) == 0.0
+
+
+def test_method_applies_and_logs_the_options(tiny_net):
+  """With kl_warmup_epochs = 2.5 (4 steps an epoch) and kl_gate = "teacher_leads", each step's
+  loss is the config weights times the ramp on both KL terms times the gate on
+  kl_self_teacher; the ramp, the gate and the two accuracies are among the method's terms,
+  which the train step logs as train/<name> (steps.train_step; imported here it would pull in
+  TensorFlow through the data package)."""
+  from mixskd_jax.train import methods
+  model, variables, inputs = tiny_net
+  # alpha = 0: lam = 1, which spares compiling the Beta sampler (seconds on CPU).
+  config = _option_config("full", kl_warmup_epochs=2.5, kl_gate="teacher_leads", alpha=0.0)
+  method = methods.build_method(config, num_groups=1, steps_per_epoch=4)
+  obj = methods.objective_config(config)
+  loss_at = jax.jit(lambda step: method.loss(model, variables, dataclasses.replace(
+      inputs, step=step))[:2])
+  for at, ramp in ((0, 0.0), (5, 0.5), (12, 1.0)):
+    loss, (terms, *_) = loss_at(jnp.int32(at))
+    assert float(terms["kl_warmup_scale"]) == ramp
+    teacher, backbone = (float(terms[f"kl_gate/{k}_accuracy"]) for k in ("teacher", "backbone"))
+    assert 0.0 <= teacher <= 1.0 and 0.0 <= backbone <= 1.0
+    gate = float(terms["kl_gate_open"])
+    assert gate == float(teacher > backbone)
+    factor = {"kl_branches": ramp, "kl_self_teacher": ramp * gate}
+    expected = sum(obj.weight(t) * factor.get(t, 1.0) * float(terms[t]) for t in objective.TERMS)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert float(terms["loss"]) == float(loss)
+
+
+def test_config_rules_of_the_options():
+  from mixskd_jax import config_schema
+  config_schema.validate(_option_config(kl_warmup_epochs=0.5, kl_gate="teacher_leads"))
+  for field, bad, says in (("kl_warmup_epochs", -1.0, "finite number >= 0"),
+                           ("kl_gate", "always", "'teacher_leads'")):
+    with pytest.raises(config_schema.ConfigValueError, match=f"objective.{field}.*{says}"):
+      config_schema.validate(_option_config(**{field: bad}))
+  with pytest.raises(ValueError, match="kl_gate"):
+    ObjectiveConfig.for_variant("full", kl_gate="always")

@@ -85,23 +85,36 @@ def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:
   weights = {k: v for k, v in config.objective.weights.to_dict().items() if v is not None}
   return ObjectiveConfig.for_variant(
       config.objective.variant, temperature=config.objective.temperature, weights=weights,
-      gradient_reversal_scale=config.objective.gradient_reversal_scale)
+      gradient_reversal_scale=config.objective.gradient_reversal_scale,
+      kl_gate=config.objective.get("kl_gate", "none"))
 
 
-def mixskd_method(config: ml_collections.ConfigDict, *, num_groups: int) -> Method:
+def mixskd_method(config: ml_collections.ConfigDict, *, num_groups: int,
+                  steps_per_epoch: int = 1) -> Method:
   """MixSKD: lam and a permutation (within each of `num_groups` mix groups) from the key.
 
   The outputs it returns hold the clean rows' logits only (what the step's accuracy reads).
+  With `config.objective.kl_warmup_epochs` > 0 the KL terms' weights ramp up linearly over
+  that many epochs of `steps_per_epoch` steps (`objective.kl_warmup_scale`, logged as
+  `kl_warmup_scale`); `config.objective.kl_gate` is the objective's (`ObjectiveConfig`).
   """
   obj = objective_config(config)
   alpha = float(config.objective.alpha)
   lam_per_group = bool(config.objective.get("lam_per_group", False))
+  kl_warmup_epochs = float(config.objective.get("kl_warmup_epochs", 0.0))
 
   def loss(model, variables, inputs: StepInputs):
     mix = mixing.sample_mix(inputs.key, inputs.images.shape[0], alpha, num_groups,
                             lam_per_group=lam_per_group)
+    ramp = None
+    if kl_warmup_epochs > 0:
+      ramp = objective.kl_warmup_scale(inputs.step, steps_per_epoch=steps_per_epoch,
+                                       warmup_epochs=kl_warmup_epochs)
     value, (terms, outputs, stats) = objective.apply_mixskd(
-        model, variables, inputs.images, inputs.labels, mix, obj)
+        model, variables, inputs.images, inputs.labels, mix, obj,
+        term_scales=None if ramp is None else {t: ramp for t in objective.KL_TERMS})
+    if ramp is not None:
+      terms = {**terms, "kl_warmup_scale": jax.lax.stop_gradient(ramp)}
     clean = tuple(mixing.split_views(z, num_groups)[0] for z in outputs.logits)
     return value, (terms, outputs.replace(logits=clean), stats, inputs.method_state)
 
@@ -259,12 +272,12 @@ def build_method(config: ml_collections.ConfigDict, *, num_groups: int,
 
   Args:
     num_groups: mix groups pairs stay within (mixskd, mixup, cutmix).
-    steps_per_epoch, num_epochs: the schedule PS-KD's alpha_t follows.
+    steps_per_epoch, num_epochs: the schedule PS-KD's alpha_t and MixSKD's KL warm-up follow.
   """
   name = check_config(config)
   b = config.get("baselines") or ml_collections.ConfigDict()
   if name == "mixskd":
-    return mixskd_method(config, num_groups=num_groups)
+    return mixskd_method(config, num_groups=num_groups, steps_per_epoch=steps_per_epoch)
   if name == "cross_entropy":
     return cross_entropy_method()
   if name == "label_smoothing":
