@@ -39,6 +39,8 @@ class ConfigValueError(ValueError):
 # `mixskd_jax.data.SPECS` without importing TensorFlow; the test keeps them equal.
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet2012")
 STREAMED_DATASETS = ("imagenet2012",)  # spec.in_memory False: tf.data streams it
+# Each dataset's spec.num_classes (config.data.classes indexes them); the test keeps them equal.
+DATASET_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
 RESUME_POLICIES = ("same_config", "allow_changes")  # train/run_guard.py
 DISTRIBUTED_MODES = ("auto", "always", "never")  # train/distributed.py
 CPU_COLLECTIVES = ("gloo", "mpi", "megascale")  # jax_cpu_collectives_implementation
@@ -78,6 +80,11 @@ def _variants() -> tuple:
   return VARIANTS
 
 
+def _kl_gates() -> tuple:
+  from mixskd_jax.objective import KL_GATES  # pylint: disable=import-outside-toplevel
+  return KL_GATES
+
+
 def _schedules() -> tuple:
   from mixskd_jax.train.schedule import SCHEDULES  # pylint: disable=import-outside-toplevel
   return SCHEDULES
@@ -103,6 +110,13 @@ def _device_ids(value: Any) -> bool:
 
 def _off_or_above_one(value: Any) -> bool:
   return is_number(value) and (value == 0 or value > 1)
+
+
+def _class_subset(value: Any) -> bool:
+  """data.classes: a non-empty tuple of distinct labels (the range is a cross rule's, once
+  the dataset is known)."""
+  return (isinstance(value, (tuple, list)) and len(value) > 0
+          and all(is_int(c) and c >= 0 for c in value) and len(set(value)) == len(value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +156,8 @@ RULES: dict[str, Rule] = {
     "data.shuffle_buffer": integer(1, "examples in a streamed epoch's shuffle buffer"),
     "data.example_ids": flag(),
     "data.class_pairs": flag(),
+    "data.classes": Rule(_class_subset, "a non-empty tuple of distinct ints >= 0 (the dataset's "
+                         "labels to keep, relabeled 0..k-1 in this order)", "every class"),
     "batch_size": integer(1, "the global clean batch", also=(-1,),
                           also_why="with config.per_device_batch_size set"),
     "per_device_batch_size": integer(1, none_means="config.batch_size / devices"),
@@ -162,6 +178,8 @@ RULES: dict[str, Rule] = {
                                     also_why="one per device"),
     "objective.min_mix_group_size": integer(1),
     "objective.lam_per_group": flag(),
+    "objective.kl_warmup_epochs": number(0, "epochs of the KL terms' linear warm-up; 0: none"),
+    "objective.kl_gate": choice(_kl_gates),
     "baselines.label_smoothing": number(0, "the label gets 1 - eps", below=1),
     "baselines.mixup_alpha": number(0, "Beta(alpha, alpha); 0: no mixing"),
     "baselines.cutmix_alpha": number(0, "Beta(alpha, alpha); 0: no mixing"),
@@ -185,11 +203,18 @@ RULES: dict[str, Rule] = {
     "log_every_steps": integer(1),
     "eval_every_epochs": integer(1),
     "eval_calibration_bins": integer(1, "confidence bins of the calibration error"),
+    "eval_on_train_set": flag(),
     "checkpoint_every_steps": integer(1),
     "keep_checkpoints": integer(1, "a run resumes from its checkpoints"),
     "resume_policy": choice(RESUME_POLICIES),
     "max_param_norm_ratio": Rule(_off_or_above_one, "0 (the norm check off) or a finite number "
                                  "> 1 (the parameters' allowed growth over the last checkpoint)"),
+    "init_from.path": Rule(lambda v: isinstance(v, str) and bool(v.strip()),
+                           "a training workdir, one of its checkpoints/<N> directories or a "
+                           "directory `python -m mixskd_jax.interop` wrote",
+                           "a fresh initialization"),
+    "init_from.keep_head": flag(),
+    "init_from.freeze_backbone": flag(),
     "distributed.initialize": choice(DISTRIBUTED_MODES),
     "distributed.coordinator_address": Rule(lambda v: isinstance(v, str) and bool(v.strip()),
                                             "a 'host:port' string", "from the environment"),
@@ -285,6 +310,38 @@ def _streamed_data_fields(v: Mapping[str, Any]) -> str | None:
   if v["data.train_examples_per_class"] is not None:
     return (f"config.data.train_examples_per_class = {v['data.train_examples_per_class']}: must "
             f"be None for the streamed dataset {name!r}; cap it with config.data.train_examples.")
+  if v["data.classes"] is not None:
+    return (f"config.data.classes = {v['data.classes']!r}: must be None for the streamed "
+            f"dataset {name!r} (class subsets are taken from splits held in memory); use an "
+            "in-memory dataset.")
+  if v["eval_on_train_set"]:
+    return (f"config.eval_on_train_set = True: must be False for the streamed dataset {name!r} "
+            "(it would read the whole training split at every evaluation); use an in-memory "
+            "dataset.")
+  return None
+
+
+def _classes_in_range(v: Mapping[str, Any]) -> str | None:
+  classes, count = v["data.classes"], DATASET_CLASSES.get(v["data.name"])
+  if classes is None or count is None:
+    return None
+  for c in classes:
+    if c >= count:
+      return (f"config.data.classes = {tuple(classes)!r}: class {c} is out of range, "
+              f"{v['data.name']!r} has labels 0..{count - 1}.")
+  return None
+
+
+def _init_from_fits(v: Mapping[str, Any]) -> str | None:
+  """The linear probe trains a plain network's head (train/pretrained.py); keeping the head
+  needs a checkpoint to keep it from."""
+  if v["init_from.freeze_backbone"] and v["model.mixskd"]:
+    return ("config.init_from.freeze_backbone = True: needs a plain network "
+            "(config.model.mixskd = False): a MixSKD network's branches read the backbone's "
+            "stages and would train on frozen features; set config.model.mixskd=False.")
+  if v["init_from.keep_head"] and v["init_from.path"] is None:
+    return ("config.init_from.keep_head = True: needs config.init_from.path (the checkpoint "
+            "whose head is kept); set the path, or keep_head=False.")
   return None
 
 
@@ -298,7 +355,8 @@ def _process_in_range(v: Mapping[str, Any]) -> str | None:
 
 CROSS_RULES: tuple[Callable[[Mapping[str, Any]], str | None], ...] = (
     _batch_needs_per_device, _per_device_divides_batch, _epochs_or_steps, _batch_fits_examples,
-    _groups_divide, _method_fits_model_and_data, _streamed_data_fields, _process_in_range)
+    _groups_divide, _method_fits_model_and_data, _streamed_data_fields, _classes_in_range,
+    _init_from_fits, _process_in_range)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 10_000
   c.data.example_ids = False             # batches carry 'example_id' (ps_kd needs it)
   c.data.class_pairs = False             # batches carry a same-class 'pair_image' (cs_kd)
+  # Keep only these classes (distinct labels of the dataset), relabeled 0..k-1 in this order,
+  # in both splits; the model gets a k-way head. None: every class. In-memory datasets only.
+  c.data.classes = ml_collections.config_dict.placeholder(tuple)
 
   c.batch_size = 64                      # global clean batch (the network sees 2x with mixup);
                                          # -1: per_device_batch_size x devices
@@ -73,6 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.mix_groups = -1
   c.objective.min_mix_group_size = 8
   c.objective.lam_per_group = False      # mixskd: one lam per mix group (the 8-GPU ImageNet run)
+  # Research options (mixskd only; other methods ignore them), off in the reference:
+  # the KL terms' (objective.KL_TERMS) weights ramp as min(1, epochs done / this); 0: no ramp.
+  c.objective.kl_warmup_epochs = 0.0
+  # none | teacher_leads (kl_self_teacher only on steps where the self-teacher's batch
+  # accuracy beats the backbone's) | monitor (log that gate and the accuracies, never apply it)
+  c.objective.kl_gate = "none"
 
   # The baselines' hyperparameters (spec §7: Self-KD-Lib's values).
   c.baselines = ml_collections.ConfigDict()
@@ -101,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.eval_every_epochs = 1
   c.eval_calibration_bins = 15           # confidence bins of the expected calibration error
+  # Also evaluate on the training examples the run trains on (unaugmented, each once), as
+  # train_set/* in the eval history: does the model fit its training set?
+  c.eval_on_train_set = False
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3                 # >= 1: the run resumes from its newest intact one
   # Resuming a workdir whose stored config differs from this one in a field that changes the
@@ -111,6 +123,17 @@ def base_config() -> ml_collections.ConfigDict:
   # of the last checkpointed (or initial) state stops the run like a non-finite loss, and is
   # never checkpointed. 0 turns the norm check off (non-finite values still stop the run).
   c.max_param_norm_ratio = 10.0
+
+  # Transfer learning (mixskd_jax/train/pretrained.py): a fresh run (no checkpoint in its own
+  # workdir; a resumed run continues from its own) starts its backbone from a trained one.
+  c.init_from = ml_collections.ConfigDict()
+  # A training workdir (its newest checkpoint), one of its checkpoints/<N> directories, or a
+  # directory `python -m mixskd_jax.interop` wrote. None: a fresh initialization.
+  c.init_from.path = ml_collections.config_dict.placeholder(str)
+  c.init_from.keep_head = False          # also copy the classifier head fc (same class count)
+  # Linear probe: only the classifier head trains; the backbone's parameters get no update and
+  # its BatchNorm runs in inference mode (running statistics, never updated). Plain models.
+  c.init_from.freeze_backbone = False
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = "auto"      # auto (when a cluster is configured) | always | never

@@ -137,7 +137,9 @@ def with_method(config: ml_collections.ConfigDict, method: str,
     raise ValueError(f"method={method!r} is unknown; use one of {methods.METHODS}.")
   if variant is not None and method != "mixskd":
     raise ValueError(f"variant={variant!r} applies to method 'mixskd' only, not {method!r}.")
-  c = ml_collections.ConfigDict(config.to_dict())
+  # copy_and_resolve_references keeps placeholder fields typed (to_dict() would drop their
+  # types, and then --config.init_from.path=... after a method token could not be set).
+  c = config.copy_and_resolve_references()
   c.method = method
   c.model.mixskd = method in methods.BRANCHED_METHODS
   c.data.class_pairs = method == "cs_kd"

@@ -95,6 +95,26 @@ def variant_partition(params: Mapping[str, Any], config: Any, *,
                                   "discriminators": discriminators}, frozen=frozen)
 
 
+def freeze_except(labels: Mapping[str, Any], trained: Sequence[Sequence[str]]) -> Any:
+  """`labels` with every leaf outside the `trained` sub-trees FROZEN (a linear probe: only
+  the classifier head trains). A leaf already FROZEN stays so.
+
+  Args:
+    labels: TRAINABLE / FROZEN labels (`partition`'s output).
+    trained: paths (tuples of keys from the root) of the sub-trees that may still train;
+      each must exist.
+  """
+  flat = _flat(labels)
+  prefixes = [tuple(p) for p in trained]
+  for prefix in prefixes:
+    if not any(path[:len(prefix)] == prefix for path in flat):
+      raise ValueError(f"params has no sub-tree at {'/'.join(prefix)!r} to keep training; "
+                       f"top-level keys: {sorted({p[0] for p in flat})}.")
+  kept = {path: label if any(path[:len(p)] == p for p in prefixes) else FROZEN
+          for path, label in flat.items()}
+  return traverse_util.unflatten_dict(kept)
+
+
 def mask(labels: Any) -> Any:
   """TRAINABLE / FROZEN labels -> booleans (True = trained), e.g. for `optax.masked`."""
   if isinstance(labels, Mapping):

@@ -78,6 +78,7 @@ def test_dataset_names_are_the_data_packages():
   assert config_rules.DATASETS == tuple(module.SPECS)
   assert config_rules.STREAMED_DATASETS == tuple(
       n for n, s in module.SPECS.items() if not s.in_memory)
+  assert config_rules.DATASET_CLASSES == {n: s.num_classes for n, s in module.SPECS.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +159,19 @@ BAD = [
     ({"method": "byot"}, "model.mixskd = False: must be True for config.method = 'byot'"),
     ({"distributed__num_processes": 2, "distributed__process_id": 2},
      "distributed.process_id = 2: must be < config.distributed.num_processes = 2"),
+    ({"data__classes": (1, 1)}, "data.classes = (1, 1): must be a non-empty tuple of distinct "
+                                "ints >= 0"),
+    ({"data__classes": ()}, "data.classes = (): must be a non-empty tuple"),
+    ({"data__classes": (0, 10)}, "data.classes = (0, 10): class 10 is out of range, "
+                                 "'fashion_mnist' has labels 0..9"),
+    ({"data__name": "imagenet2012", "data__classes": (0, 1)},
+     "data.classes = (0, 1): must be None for the streamed dataset 'imagenet2012'"),
+    ({"data__name": "imagenet2012", "eval_on_train_set": True},
+     "eval_on_train_set = True: must be False for the streamed dataset 'imagenet2012'"),
+    ({"init_from__path": ""}, "init_from.path = '': must be a training workdir"),
+    ({"init_from__freeze_backbone": True}, "init_from.freeze_backbone = True: needs a plain "
+                                           "network (config.model.mixskd = False)"),
+    ({"init_from__keep_head": True}, "init_from.keep_head = True: needs config.init_from.path"),
 ]
 
 
@@ -187,6 +201,9 @@ def test_bad_values_are_one_line_naming_the_field(values, starts):
     {"distributed__local_device_ids": (0, 1)},
     {"distributed__cpu_collectives": "gloo"},
     {"seed": np.int64(3)},
+    {"data__classes": [9, 0]},                     # a list, as from JSON; any order
+    {"model__mixskd": False, "init_from__freeze_backbone": True},  # a probe of a random net
+    {"init_from__path": "/runs/source", "init_from__keep_head": True},
 ])
 def test_meaningful_values_pass(values):
   config_schema.validate(with_values(tiny_config(), **values))

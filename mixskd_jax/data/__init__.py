@@ -10,6 +10,7 @@ from mixskd_jax.data.normalization import normalize
 from mixskd_jax.data.pipeline import eval_iterator
 from mixskd_jax.data.pipeline import num_eval_steps
 from mixskd_jax.data.pipeline import steps_per_epoch
+from mixskd_jax.data.pipeline import train_eval_iterator
 from mixskd_jax.data.pipeline import train_iterator
 from mixskd_jax.data.sources import clear_cache
 from mixskd_jax.data.sources import DatasetUnavailableError
@@ -17,5 +18,5 @@ from mixskd_jax.data.sources import DatasetUnavailableError
 __all__ = [
   "DatasetInfo", "DatasetSpec", "DatasetUnavailableError", "FashionMNISTMissingError", "SPECS",
   "clear_cache", "eval_iterator", "get_dataset_info", "normalize", "num_eval_steps",
-  "steps_per_epoch", "train_iterator",
+  "steps_per_epoch", "train_eval_iterator", "train_iterator",
 ]

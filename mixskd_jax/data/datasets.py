@@ -94,7 +94,7 @@ class DatasetInfo:
 
   Attributes:
     name: `config.data.name`.
-    num_classes: number of labels.
+    num_classes: number of labels (after `config.data.classes`).
     image_shape: (H, W, C) of a batch's images.
     num_train: training examples after the balanced subset and the cap.
     num_test: test examples after the cap.
@@ -109,6 +109,30 @@ class DatasetInfo:
   std: Tuple[float, ...]
 
 
+def kept_classes(data_config: ml_collections.ConfigDict) -> Optional[Tuple[int, ...]]:
+  """`config.data.classes` as a tuple of ints (None: every class), checked against the dataset.
+
+  Raises:
+    ValueError: a class outside [0, num_classes), a repeated one, or an empty tuple.
+  """
+  classes = data_config.get("classes")
+  if classes is None:
+    return None
+  spec = get_spec(data_config.name)
+  classes = tuple(int(c) for c in classes)
+  if not classes or len(set(classes)) != len(classes) or not all(
+      0 <= c < spec.num_classes for c in classes):
+    raise ValueError(f"config.data.classes={classes!r} must be distinct labels of "
+                     f"{spec.name!r}, each in [0, {spec.num_classes}).")
+  return classes
+
+
+def num_classes(data_config: ml_collections.ConfigDict) -> int:
+  """Classes the model sees: len(config.data.classes), else the dataset's."""
+  classes = kept_classes(data_config)
+  return get_spec(data_config.name).num_classes if classes is None else len(classes)
+
+
 def capped(n: int, cap: Optional[int]) -> int:
   """min(n, cap), where cap None means no cap."""
   return n if cap is None else min(n, int(cap))
@@ -119,7 +143,7 @@ def get_dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
   from mixskd_jax.data import sources  # pylint: disable=import-outside-toplevel  (TF is heavy)
   spec = get_spec(data_config.name)
   return DatasetInfo(
-    name=spec.name, num_classes=spec.num_classes, image_shape=spec.image_shape,
+    name=spec.name, num_classes=num_classes(data_config), image_shape=spec.image_shape,
     num_train=sources.num_train_examples(data_config),
     num_test=sources.num_test_examples(data_config),
     mean=spec.mean, std=spec.std)

@@ -156,14 +156,29 @@ def eval_iterator(config: ml_collections.ConfigDict, *, process_index: int,
                        local_batch=local, process_index=process_index)
 
 
+def train_eval_iterator(config: ml_collections.ConfigDict, *, process_index: int,
+                        process_count: int) -> Iterator[Batch]:
+  """See `pipeline.train_eval_iterator`: `eval_iterator`'s batches over the kept training
+  examples (per class, classes, cap), unaugmented, in stored order."""
+  local = batching.local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
+  batching.check_process(process_index, process_count)
+  images, labels, keep = sources.train_examples(config.data)
+  steps = batching.eval_steps(len(keep), local, process_count, contiguous=False)
+  return _eval_batches(images, labels, steps=steps, global_batch=config.eval_batch_size,
+                       local_batch=local, process_index=process_index, index=keep)
+
+
 def _eval_batches(images: np.ndarray, labels: np.ndarray, *, steps: int, global_batch: int,
-                  local_batch: int, process_index: int) -> Iterator[Batch]:
-  n = len(labels)
+                  local_batch: int, process_index: int,
+                  index: np.ndarray | None = None) -> Iterator[Batch]:
+  """Global batch i: examples [i*G, (i+1)*G) of `index` (the rows of `images` / `labels`
+  evaluated; None: all of them), zero-padded and masked past the end."""
+  n = len(labels) if index is None else len(index)
   offset = process_index * local_batch + np.arange(local_batch)
   for i in range(steps):
     position = i * global_batch + offset
     mask = position < n
-    valid = position[mask]
+    valid = position[mask] if index is None else index[position[mask]]
     image = np.zeros((local_batch,) + images.shape[1:], np.uint8)
     label = np.zeros((local_batch,), np.int32)
     image[mask] = images[valid]

@@ -77,6 +77,19 @@ def eval_iterator(config: ml_collections.ConfigDict, *, process_index: int = 0,
                                        process_count=process_count)
 
 
+def train_eval_iterator(config: ml_collections.ConfigDict, *, process_index: int = 0,
+                        process_count: int = 1) -> Iterator[Batch]:
+  """`eval_iterator`'s masked batches over the training examples the run trains on (after
+  `data.train_examples_per_class`, `data.classes` and `data.train_examples`), unaugmented,
+  each exactly once (`config.eval_on_train_set`). In-memory datasets only."""
+  if not datasets.get_spec(config.data.name).in_memory:
+    raise ValueError("config.eval_on_train_set is only supported for the in-memory datasets, "
+                     f"not {config.data.name!r}; set it to False.")
+  hide_accelerators_from_tf()
+  return in_memory.train_eval_iterator(config, process_index=process_index,
+                                       process_count=process_count)
+
+
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
   """Global steps per epoch: training examples (after subset and cap) // config.batch_size.
 

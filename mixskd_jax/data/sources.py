@@ -2,7 +2,9 @@
 
 Small datasets (Fashion-MNIST, CIFAR) are loaded once per process as numpy arrays, in the
 stored tfds order, so that every host holds the same arrays and the pipeline can index them
-exactly. Loaded splits are cached in memory (a few, keyed by dataset, split, folders and the
+exactly. With `config.data.classes` a split is the examples of those classes alone, in stored
+order, relabeled 0..k-1 (`select_classes`); everything downstream sees only that. Loaded
+splits are cached in memory (a few, keyed by dataset, split, folders, kept classes and the
 identity of tfds's reading functions, so data from `tfds.testing.mock_data` never leaks into
 real runs or into another mock).
 """
@@ -96,9 +98,40 @@ def _load_split_cached(name, split, data_dir, idx_dir, reader_token):
   return images, labels
 
 
+def select_classes(labels: np.ndarray, classes: Tuple[int, ...],
+                   num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+  """The examples whose label is one of `classes`, relabeled by position in `classes`.
+
+  Args:
+    labels: (N,) int labels in [0, num_classes).
+    classes: k distinct labels to keep; classes[i] becomes label i.
+    num_classes: the dataset's number of labels.
+
+  Returns:
+    indices: (M,) int64 increasing indices of the kept examples.
+    relabeled: (M,) int32 their new labels, in [0, k).
+  """
+  lookup = np.full(num_classes, -1, np.int32)
+  lookup[list(classes)] = np.arange(len(classes), dtype=np.int32)
+  new = lookup[labels]
+  indices = np.flatnonzero(new >= 0)
+  return indices, new[indices]
+
+
+@functools.lru_cache(maxsize=4)
+def _class_subset_cached(name, split, data_dir, idx_dir, classes, reader_token):
+  images, labels = _load_split_cached(name, split, data_dir, idx_dir, reader_token)
+  indices, relabeled = select_classes(labels, classes, datasets.get_spec(name).num_classes)
+  images = images[indices]
+  images.flags.writeable = False
+  relabeled.flags.writeable = False
+  return images, relabeled
+
+
 def load_split(data_config: ml_collections.ConfigDict,
                split: str) -> Tuple[np.ndarray, np.ndarray]:
-  """A whole split of an in-memory dataset, in stored order (read-only, cached).
+  """A whole split of an in-memory dataset, in stored order (read-only, cached); with
+  `config.data.classes`, only those classes' examples, relabeled 0..k-1.
 
   Returns:
     images: (N, H, W, C) uint8.
@@ -107,13 +140,17 @@ def load_split(data_config: ml_collections.ConfigDict,
   spec = datasets.get_spec(data_config.name)
   if not spec.in_memory:
     raise ValueError(f"config.data.name={spec.name!r} is streamed, not loaded into memory.")
-  return _load_split_cached(spec.name, split, data_config.data_dir, data_config.idx_dir,
-                            _tfds_reader_token())
+  key = (spec.name, split, data_config.data_dir, data_config.idx_dir)
+  classes = datasets.kept_classes(data_config)
+  if classes is None:
+    return _load_split_cached(*key, _tfds_reader_token())
+  return _class_subset_cached(*key, classes, _tfds_reader_token())
 
 
 def clear_cache() -> None:
   """Forgets the loaded splits."""
   _load_split_cached.cache_clear()
+  _class_subset_cached.cache_clear()
 
 
 def _check_cap(value: Optional[int], field: str) -> None:
@@ -154,13 +191,14 @@ def train_examples(
   """The training split of an in-memory dataset and the examples the config keeps.
 
   Returns:
-    images: (N, H, W, C) uint8, the whole split.
-    labels: (N,) int32, the whole split.
-    keep: (M,) int64 increasing indices of the examples used (subset, then cap).
+    images: (N, H, W, C) uint8, the whole split (of the kept classes, `load_split`).
+    labels: (N,) int32, the whole split (relabeled 0..k-1 with config.data.classes).
+    keep: (M,) int64 increasing indices of the examples used (per class, then cap).
   """
   spec = datasets.get_spec(data_config.name)
   images, labels = load_split(data_config, spec.train_split)
-  keep = train_subset(labels, spec.num_classes, data_config.train_examples_per_class,
+  keep = train_subset(labels, datasets.num_classes(data_config),
+                      data_config.train_examples_per_class,
                       data_config.train_examples)
   return images, labels, keep
 
@@ -185,6 +223,9 @@ def streamed_split(data_config: ml_collections.ConfigDict, train: bool) -> str:
   if train and data_config.train_examples_per_class is not None:
     raise ValueError("config.data.train_examples_per_class is only supported for the in-memory "
                      f"datasets, not {spec.name!r}; use config.data.train_examples.")
+  if data_config.get("classes") is not None:
+    raise ValueError("config.data.classes is only supported for the in-memory datasets, not "
+                     f"{spec.name!r}; set it to None.")
   field = "train_examples" if train else "test_examples"
   cap = data_config.get(field)
   _check_cap(cap, field)

@@ -44,7 +44,7 @@ RESNETS = tuple(name for name, spec in SPECS.items() if isinstance(spec, ResNetS
 def build_model(name: str, num_classes: int, *, mixskd: bool = True, dtype: Any = jnp.float32,
                 discriminator_hidden: int = 128, conv_input_barrier: bool = False,
                 remat_branches: bool = False, batchnorm_groups: int = 1,
-                batchnorm_running_stats: str = "mean_of_groups",
+                batchnorm_running_stats: str = "mean_of_groups", frozen_backbone: bool = False,
                 **spec_overrides: Any) -> nn.Module:
   """Builds a registered model.
 
@@ -62,6 +62,8 @@ def build_model(name: str, num_classes: int, *, mixskd: bool = True, dtype: Any 
     batchnorm_groups: contiguous row groups with their own BatchNorm statistics in train
       mode (`layers.BatchNorm`); 1: the whole batch. ResNets only (the others have none).
     batchnorm_running_stats: "mean_of_groups" or "first_group" (`layers.BatchNorm`).
+    frozen_backbone: stem and stages always in inference mode (`StagedClassifier`); plain
+      models only (a linear probe).
     **spec_overrides: fields of the model's spec to change, e.g. `stage_sizes=(2, 2, 2)`.
 
   Returns:
@@ -80,18 +82,22 @@ def build_model(name: str, num_classes: int, *, mixskd: bool = True, dtype: Any 
   spec = dataclasses.replace(spec, **spec_overrides)
   parts = resnet_parts(spec, dtype) if isinstance(spec, ResNetSpec) else spec.parts(dtype)
   if mixskd:
+    if frozen_backbone:
+      raise ValueError(f"frozen_backbone=True needs the plain {name!r} (mixskd=False): MixSKD's "
+                       "branches train on the backbone's stages.")
     if spec.num_stages < 2:
       raise ValueError(f"MixSKD needs a backbone with at least 2 stages; {name!r} has "
                        f"{spec.num_stages}.")
     return MixSKDNetwork(num_classes=num_classes, discriminator_hidden=discriminator_hidden,
                          remat_branches=remat_branches, **parts)
-  return StagedClassifier(num_classes=num_classes, **parts)
+  return StagedClassifier(num_classes=num_classes, frozen_backbone=frozen_backbone, **parts)
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_model_from_config(model_config: Any, num_classes: int) -> nn.Module:
+def build_model_from_config(model_config: Any, num_classes: int, *,
+                            frozen_backbone: bool = False) -> nn.Module:
   """The model `config.model` describes (the trainer and the benchmark build it here).
 
   Args:
@@ -99,6 +105,7 @@ def build_model_from_config(model_config: Any, num_classes: int) -> nn.Module:
       discriminator_hidden, conv_input_barrier, remat_branches, batchnorm_groups (resolved
       for the devices: `train.layout.resolve`), batchnorm_running_stats.
     num_classes: classes of every head (the dataset's).
+    frozen_backbone: `config.init_from.freeze_backbone` (`build_model`).
   """
   if model_config.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={model_config.dtype!r} must be one of "
@@ -117,4 +124,5 @@ def build_model_from_config(model_config: Any, num_classes: int) -> nn.Module:
                      remat_branches=bool(model_config.remat_branches),
                      batchnorm_groups=groups,
                      batchnorm_running_stats=model_config.get("batchnorm_running_stats",
-                                                              "mean_of_groups"))
+                                                              "mean_of_groups"),
+                     frozen_backbone=frozen_backbone)

@@ -34,6 +34,7 @@ Dtype = Any
 ModuleFactory = Callable[..., nn.Module]
 # head(num_classes, in_features, name=...) -> a module mapping (N, in_features) to (N, C).
 HeadFactory = Callable[..., nn.Module]
+HEAD = "fc"  # every classifier head's name: `<network or branch>/fc`
 
 
 def dense_head(num_classes: int, in_features: int, *, name: str) -> nn.Module:
@@ -68,7 +69,7 @@ def call_stage(module: nn.Module, x: jax.Array, train: bool) -> jax.Array:
 
 def classify(head: HeadFactory, num_classes: int, pooling: str, x: jax.Array) -> jax.Array:
   """Inside a compact method: the head `fc` on the pooled final features -> (N, num_classes)."""
-  return head(num_classes, x.shape[-1], name="fc")(pooling_lib.pool(x, pooling))
+  return head(num_classes, x.shape[-1], name=HEAD)(pooling_lib.pool(x, pooling))
 
 
 class StagedClassifier(nn.Module):
@@ -81,6 +82,9 @@ class StagedClassifier(nn.Module):
     head: head factory (`dense_head` by default).
     pooling: the last stage's layout and its pooling (`mixskd_jax.pooling.POOLINGS`).
     dtype: the input is cast to it; the modules choose their own compute dtypes.
+    frozen_backbone: the stem and stages run in inference mode whatever `train` says:
+      BatchNorm normalizes with its running statistics and leaves them unchanged (the
+      linear-probe protocol, `config.init_from.freeze_backbone`). Same parameters either way.
   """
   stages: Sequence[ModuleFactory]
   num_classes: int
@@ -88,16 +92,18 @@ class StagedClassifier(nn.Module):
   head: HeadFactory = dense_head
   pooling: str = "spatial_mean"
   dtype: Dtype = jnp.float32
+  frozen_backbone: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> ModelOutputs:
     """x: (N, ...) inputs -> ModelOutputs with one head and every stage's output."""
     x = x.astype(self.dtype)
+    features_train = train and not self.frozen_backbone
     if self.stem is not None:
-      x = call_stage(self.stem(name="stem"), x, train)
+      x = call_stage(self.stem(name="stem"), x, features_train)
     stage_outputs = []
     for s, stage in enumerate(self.stages):
-      x = call_stage(stage(name=f"layer{s + 1}"), x, train)
+      x = call_stage(stage(name=f"layer{s + 1}"), x, features_train)
       stage_outputs.append(x)
     logits = classify(self.head, self.num_classes, self.pooling, x)
     return ModelOutputs(logits=(logits,), features=(x,), stage_features=tuple(stage_outputs))

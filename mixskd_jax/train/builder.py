@@ -15,8 +15,10 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from mixskd_jax import trainable
 from mixskd_jax.models import compiler_options
 from mixskd_jax.models.registry import build_model_from_config
+from mixskd_jax.models.staged import HEAD
 from mixskd_jax.train import sharding, steps
 from mixskd_jax.train.methods import Method, build_method
 from mixskd_jax.train.optimizer import build_optimizer
@@ -42,7 +44,9 @@ class DataShape:
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """A built run: `init_state(key)` -> replicated TrainState; `train_step(state, batch,
+  """A built run: `init_state(key)` -> replicated TrainState; `state_from(variables)` -> the
+  replicated TrainState that starts from `variables` ({'params', 'batch_stats'}, host or
+  device arrays; a fresh optimizer state: `config.init_from`); `train_step(state, batch,
   root_key)` -> (state, metrics), the state donated; `eval_step(state, batch)` -> sums."""
   model: nn.Module
   method: Method
@@ -51,6 +55,13 @@ class Steps:
   init_state: Callable[[jax.Array], TrainState]
   train_step: Callable[..., Any]
   eval_step: Callable[..., Any]
+  state_from: Callable[[dict], TrainState] | None = None
+
+
+def freezes_backbone(config: ml_collections.ConfigDict) -> bool:
+  """`config.init_from.freeze_backbone` (False for a config without the group)."""
+  init_from = config.get("init_from")
+  return bool(init_from is not None and init_from.get("freeze_backbone", False))
 
 
 def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, data: DataShape, *,
@@ -63,20 +74,25 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, data: DataShape, 
     data: the data's shape and constants.
     steps_per_epoch, num_epochs: the schedule's length (the step's cost does not depend on it).
   """
-  model = build_model_from_config(config.model, data.num_classes)
+  frozen = freezes_backbone(config)
+  model = build_model_from_config(config.model, data.num_classes, frozen_backbone=frozen)
   method = build_method(config, num_groups=config.objective.mix_groups,
                         steps_per_epoch=steps_per_epoch, num_epochs=num_epochs)
   dummy = jax.ShapeDtypeStruct((1,) + tuple(data.image_shape), jnp.float32)
   abstract_params = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
+  partition = method.partition(abstract_params)
+  if frozen:  # a linear probe: the plain model's head alone trains (no decay elsewhere either)
+    partition = trainable.freeze_except(partition, trained=[(HEAD,)])
   tx, schedule = build_optimizer(config, steps_per_epoch=steps_per_epoch,
-                                 num_epochs=num_epochs,
-                                 partition=method.partition(abstract_params))
+                                 num_epochs=num_epochs, partition=partition)
   repl, batch = sharding.replicated(mesh), sharding.data_sharding(mesh)
 
-  def init_state(key):
-    variables = model.init(key, jnp.zeros(dummy.shape, dummy.dtype))
+  def state_from(variables):
     return TrainState.create(variables, tx, method.init_state(data.num_examples,
                                                               data.num_classes))
+
+  def init_state(key):
+    return state_from(model.init(key, jnp.zeros(dummy.shape, dummy.dtype)))
 
   common = dict(model=model, mean=tuple(data.mean), std=tuple(data.std))
   train_step = jax.jit(
@@ -89,4 +105,4 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, data: DataShape, 
       in_shardings=(repl, batch), out_shardings=repl)
   return Steps(model=model, method=method, tx=tx, schedule=schedule,
                init_state=jax.jit(init_state, out_shardings=repl), train_step=train_step,
-               eval_step=eval_step)
+               eval_step=eval_step, state_from=jax.jit(state_from, out_shardings=repl))

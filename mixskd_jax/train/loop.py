@@ -16,7 +16,8 @@ from absl import logging
 from clu import metric_writers
 
 from mixskd_jax import config_schema, data
-from mixskd_jax.train import builder, distributed, layout, preflight, run_guard, sharding, steps
+from mixskd_jax.train import (builder, distributed, layout, preflight, pretrained, run_guard,
+                              sharding, steps)
 from mixskd_jax.train import workdir as workdir_lib
 from mixskd_jax.train.checkpoint import Checkpoints, has_checkpoints
 from mixskd_jax.train.divergence import DivergenceGuard, parameter_norm
@@ -30,6 +31,7 @@ from mixskd_jax.train.state import TrainState
 HISTORY_FILE = "eval_history.jsonl"
 TRAIN_HISTORY_FILE = "train_history.jsonl"  # the logged means of the train metrics
 RESULTS_FILE = "results.json"
+TRAIN_SET_PREFIX = "train_set/"  # config.eval_on_train_set's keys in the eval history
 
 
 class _StepTimer:
@@ -78,7 +80,14 @@ class Trainer:
     self.is_chief = jax.process_index() == 0
     self._lock = run_guard.WorkdirLock(workdir, enabled=self.is_chief)
     self._lock.check()  # held by run(); refused here already, before any data is loaded
-    run_guard.check_resume(workdir, config, has_checkpoints=has_checkpoints(workdir))
+    resuming = has_checkpoints(workdir)
+    run_guard.check_resume(workdir, config, has_checkpoints=resuming)
+    # Only a fresh run starts from another model (read before any data is loaded, so a bad
+    # path fails at once): a resumed one continues from its own checkpoint.
+    init_from = config.get("init_from")
+    self._init_from = (pretrained.load_trained(init_from.path)
+                       if init_from is not None and init_from.path is not None and not resuming
+                       else None)
     self._build(config)
 
   def _build(self, config: ml_collections.ConfigDict) -> None:
@@ -98,6 +107,9 @@ class Trainer:
     self.train_step, self.eval_step = built.train_step, built.eval_step
     self.root_key, init_key = jax.random.split(jax.random.key(config.seed))
     self.state = built.init_state(init_key)
+    if self._init_from is not None:
+      self.state = self._initialized_from(self._init_from, config.init_from.keep_head)
+      self._init_from = None  # the arrays are in the state now
     # Filled by run(): the measured step time, the latest evaluation's reliability bins and
     # the run's eval and train histories.
     self.train_step_time_s = None
@@ -105,20 +117,40 @@ class Trainer:
     self._histories: dict[str, workdir_lib.JsonlHistory] = {}
     self._config_start = None  # set by run(); None once config.json is written
 
-  def evaluate(self, state: TrainState) -> dict[str, float]:
-    """Every test example exactly once (the last batch padded and masked)."""
+  def _initialized_from(self, trained: pretrained.Trained, keep_head: bool) -> TrainState:
+    """The fresh state with its backbone taken from `trained` (pretrained.transfer) and a
+    fresh optimizer state, replicated like `built.init_state`'s."""
+    variables, what = pretrained.transfer(
+        jax.device_get(self.state.variables), trained, mixskd=bool(self.config.model.mixskd),
+        model_name=self.config.model.name, keep_head=bool(keep_head))
+    logging.info("%s", what)
+    return self.built.state_from(variables)
+
+  def _eval_sums(self, state: TrainState, iterator) -> dict[str, Any]:
+    """eval_step's sums over every batch of `iterator` (padded, masked), on the host."""
     batch_sharding = sharding.data_sharding(self.mesh)
     totals = None
-    iterator = data.eval_iterator(self.config, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
     for local in iterator:
       sums = self.eval_step(state, sharding.to_global(local, batch_sharding))
       totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
+    return jax.device_get(totals)
+
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    """Every test example exactly once (the last batch padded and masked)."""
+    totals = self._eval_sums(state, data.eval_iterator(
+        self.config, process_index=jax.process_index(), process_count=jax.process_count()))
     # The backbone's reliability diagram of the latest evaluation, for results.json.
     self.last_calibration = {k.split("/", 1)[1]: np.asarray(v).tolist()
                              for k, v in totals.items() if k.startswith("calibration/")}
     return steps.summarize_eval(totals)
+
+  def evaluate_train_set(self, state: TrainState) -> dict[str, float]:
+    """`evaluate` on the training examples the run trains on (unaugmented, each once), its
+    keys under `train_set/` instead of `eval/` (`config.eval_on_train_set`)."""
+    totals = self._eval_sums(state, data.train_eval_iterator(
+        self.config, process_index=jax.process_index(), process_count=jax.process_count()))
+    return {TRAIN_SET_PREFIX + key.split("/", 1)[1]: value
+            for key, value in steps.summarize_eval(totals).items()}
 
   def run(self) -> dict[str, Any]:
     # Every file of the run goes through epath, so gs://bucket/run works like a local path.
@@ -247,8 +279,12 @@ class Trainer:
 
   def _record_eval(self, state, step, writer):
     metrics = self.evaluate(state)
-    writer.write_scalars(step, metrics)
     logging.info("%s", format_eval(step, step / self.steps_per_epoch, metrics))
+    if self.config.get("eval_on_train_set", False):
+      metrics.update(self.evaluate_train_set(state))
+      logging.info("train set at step %s: top-1 backbone %.2f%%  |  loss %.4g", step,
+                   metrics[TRAIN_SET_PREFIX + "top1/backbone"], metrics[TRAIN_SET_PREFIX + "loss"])
+    writer.write_scalars(step, metrics)
     self._append_history(HISTORY_FILE, {"step": step, "epoch": step / self.steps_per_epoch,
                                         **metrics})
 
