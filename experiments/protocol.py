@@ -38,6 +38,11 @@ class MethodSpec:
   weights: tuple[tuple[str, float], ...] = ()
   # Other config fields of this row, as (dotted field, value) pairs.
   overrides: tuple[tuple[str, Any], ...] = ()
+  # Transfer rows: start from the backbone of this row's run of the same seed (the runner
+  # sets config.init_from.path to that run's workdir).
+  init_from_row: str | None = None
+  # This row's own recipe instead of the suite's base (a transfer suite's downstream rows).
+  recipe: Callable[[], ml_collections.ConfigDict] | None = None
 
 
 # The main table: the baselines of issue #4 / spec §7, then MixSKD's three variants.
@@ -66,6 +71,18 @@ ABLATIONS = (
 )
 
 
+# Why removing the self-teacher's KL helped in the short schedule: is the teacher weaker than
+# the backbone while it teaches? Two probes (options that are off in every reference variant):
+# ramp both KL terms in over the first quarter of training, or apply the self-teacher's KL
+# only on steps where the teacher classifies the mixed batch better than the backbone.
+INVESTIGATIONS = (
+    MethodSpec("full_kl_warmup_10_epochs", "mixskd", "full",
+               overrides=(("objective.kl_warmup_epochs", 10.0),)),
+    MethodSpec("full_kl_when_teacher_leads", "mixskd", "full",
+               overrides=(("objective.kl_gate", "teacher_leads"),)),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Suite:
   """base: the shared recipe; seeds of the main table; ablation_seeds of the ablations."""
@@ -78,6 +95,9 @@ class Suite:
   ablations: tuple[MethodSpec, ...] = ABLATIONS
   # Rows that probe a finding (options off in the reference variants); run at ablation_seeds.
   investigations: tuple[MethodSpec, ...] = ()
+  # "comparison": main table, ablations, investigations; "transfer": pre-training rows, then
+  # linear-probe and fine-tuning rows from their backbones (experiments/transfer.py reports).
+  kind: str = "comparison"
 
 
 def fashion_mnist_base() -> ml_collections.ConfigDict:
@@ -143,6 +163,57 @@ def fashion_mnist_long_base() -> ml_collections.ConfigDict:
   return c
 
 
+# Transfer (issue #13): pre-train on Fashion-MNIST classes 0-4 with the converged recipe, then
+# train a fresh 5-way head on classes 5-9 from 50 labelled images per class, on the frozen
+# backbone (linear probe: BatchNorm in inference mode) or on the whole network (fine-tuning).
+PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
+DOWNSTREAM_CLASSES = (5, 6, 7, 8, 9)
+PRETRAIN_METHODS = tuple(m for m in MAIN_METHODS
+                         if m.name in ("cross_entropy", "mixup", "mixskd_full"))
+DOWNSTREAM = {  # mode -> (row prefix, overrides of the downstream recipe)
+    "linear_probe": ("probe", (("init_from.freeze_backbone", True),)),
+    "fine_tune": ("finetune", (("optimizer.learning_rate", 0.01),)),
+}
+
+
+def transfer_pretrain_base() -> ml_collections.ConfigDict:
+  """The converged recipe on classes 0-4 (200 images each, 1,000 in all, 40 epochs)."""
+  c = fashion_mnist_converged_base()
+  c.data.classes = PRETRAIN_CLASSES
+  c.checkpoint_every_steps = 70
+  c.log_every_steps = 7
+  return c
+
+
+def transfer_downstream_base() -> ml_collections.ConfigDict:
+  """Classes 5-9, the first 50 training images of each (250 in all): 30 epochs of 5 steps of
+  50, 2 epochs of warm-up then cosine, SGD Nesterov lr 0.1 (fine-tuning: 0.01), wd 5e-4, no
+  augmentation; the test set's 5,000 images of classes 5-9, evaluated every 10 epochs."""
+  c = fashion_mnist_converged_base()
+  c.data.classes = DOWNSTREAM_CLASSES
+  c.data.train_examples_per_class = 50
+  c.batch_size = 50
+  c.num_epochs = 30
+  c.optimizer.warmup_epochs = 2
+  c.eval_every_epochs = 10
+  c.log_every_steps = 5
+  c.checkpoint_every_steps = 150
+  return c
+
+
+def transfer_rows() -> tuple[MethodSpec, ...]:
+  """Pre-training rows, a from-scratch reference on the downstream data, then a probe and a
+  fine-tuning row per pre-training."""
+  pretrain = tuple(dataclasses.replace(m, name=f"pretrain_{m.name}") for m in PRETRAIN_METHODS)
+  downstream = [MethodSpec("scratch", "cross_entropy", recipe=transfer_downstream_base)]
+  for p in pretrain:
+    for prefix, overrides in DOWNSTREAM.values():
+      downstream.append(MethodSpec(f"{prefix}_{p.name[len('pretrain_'):]}", "cross_entropy",
+                                   overrides=overrides, init_from_row=p.name,
+                                   recipe=transfer_downstream_base))
+  return pretrain + tuple(downstream)
+
+
 def cifar100_base() -> ml_collections.ConfigDict:
   """The official CIFAR-100 recipe for every method (CIFAR ResNet-18, 205 epochs)."""
   return recipes.cifar("cifar_resnet18")
@@ -152,7 +223,7 @@ SUITES = {
     "fashion_mnist_converged": Suite(
         "fashion_mnist_converged", fashion_mnist_converged_base,
         "Fashion-MNIST, 200 images/class, no augmentation, small_resnet, 40 epochs",
-        ablation_seeds=(0, 1, 2)),
+        ablation_seeds=(0, 1, 2), investigations=INVESTIGATIONS),
     "fashion_mnist": Suite("fashion_mnist", fashion_mnist_base,
                            "Fashion-MNIST, 500 images/class, small_resnet, 8 epochs"),
     # Does the schedule's length decide the mixup-based methods' place? One seed, 3 rows.
@@ -162,6 +233,10 @@ SUITES = {
         methods=tuple(m for m in MAIN_METHODS
                       if m.name in ("cross_entropy", "mixup", "mixskd_full")),
         ablations=()),
+    "fashion_mnist_transfer": Suite(
+        "fashion_mnist_transfer", transfer_pretrain_base,
+        "Fashion-MNIST transfer: pre-train on classes 0-4, then 50 labels/class of classes 5-9",
+        methods=transfer_rows(), ablations=(), kind="transfer"),
     "cifar100": Suite("cifar100", cifar100_base,
                       "CIFAR-100, CIFAR ResNet-18, the paper's 205-epoch recipe"),
     "smoke": Suite("smoke", smoke_base, "a seconds-long shrink of fashion_mnist, for tests",
@@ -184,7 +259,9 @@ class Run:
 
 def make_config(base: ml_collections.ConfigDict, spec: MethodSpec,
                 seed: int) -> ml_collections.ConfigDict:
-  """`base` set up for `spec` at `seed`."""
+  """`base` (or the row's own recipe) set up for `spec` at `seed`."""
+  if spec.recipe is not None:
+    base = spec.recipe()
   c = recipes.with_method(base, spec.method, spec.variant)
   c.seed = seed
   for term, weight in spec.weights:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments import analysis, protocol, tables
+from experiments import analysis, protocol, tables, transfer
 from mixskd_jax.train.steps import expected_calibration_error
 
 MIXSKD_HEADS_RUN = "mixskd_full"
@@ -257,17 +257,8 @@ def environment() -> dict[str, Any]:
           "jax_devices": devices, "git_commit": commit}
 
 
-def write_report(suite: protocol.Suite, runs: Sequence[protocol.Run], workdir: str,
-                 results_dir: str, *, command: str, invocation_wall_time_s: float) -> dict:
-  """Writes every file listed in the module docstring; returns the summary."""
-  os.makedirs(results_dir, exist_ok=True)
-  loaded = {run.name: data for run in runs if (data := load_run(workdir, run)) is not None}
-  step_timing = None
-  timing_path = os.path.join(workdir, "step_timing.json")
-  if os.path.exists(timing_path):
-    with open(timing_path) as f:
-      step_timing = json.load(f)
-  rows = summarize(suite, runs, loaded, step_timing)
+def _comparison_report(suite, runs, loaded, rows, results_dir) -> list[str]:
+  """Writes the comparison suite's tables and plots; returns the plots written."""
   main = tables.main_table(suite, rows)
   ablation = tables.ablation_table(suite, rows)
   with open(os.path.join(results_dir, "table.md"), "w") as f:
@@ -282,7 +273,24 @@ def write_report(suite: protocol.Suite, runs: Sequence[protocol.Run], workdir: s
     if text:
       with open(os.path.join(results_dir, name), "w") as f:
         f.write(f"# {title}: {suite.description}\n\n{text}")
-  plots = _plots(suite, runs, loaded, results_dir)
+  return _plots(suite, runs, loaded, results_dir)
+
+
+def write_report(suite: protocol.Suite, runs: Sequence[protocol.Run], workdir: str,
+                 results_dir: str, *, command: str, invocation_wall_time_s: float) -> dict:
+  """Writes every file listed in the module docstring; returns the summary."""
+  os.makedirs(results_dir, exist_ok=True)
+  loaded = {run.name: data for run in runs if (data := load_run(workdir, run)) is not None}
+  step_timing = None
+  timing_path = os.path.join(workdir, "step_timing.json")
+  if os.path.exists(timing_path):
+    with open(timing_path) as f:
+      step_timing = json.load(f)
+  rows = summarize(suite, runs, loaded, step_timing)
+  if suite.kind == "transfer":
+    plots = transfer.write(suite, rows, results_dir)
+  else:
+    plots = _comparison_report(suite, runs, loaded, rows, results_dir)
   env = environment()
   total = sum(d["timing"].get("wall_time_s") or 0.0 for d in loaded.values())
   summary = {"suite": suite.name, "description": suite.description, "command": command,

@@ -67,7 +67,8 @@ _RETIME = flags.DEFINE_bool("retime", False, "measure the step times again")
 TIMING_FILE = "experiment_timing.json"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Suites whose reports are committed under experiments/results/<suite>.
-COMMITTED_SUITES = ("fashion_mnist", "fashion_mnist_long", "fashion_mnist_converged")
+COMMITTED_SUITES = ("fashion_mnist", "fashion_mnist_long", "fashion_mnist_converged",
+                    "fashion_mnist_transfer")
 USAGE_ERROR_EXIT_CODE = 2
 
 
@@ -189,6 +190,9 @@ def main(argv: Sequence[str]) -> int:
     for run in runs:
       for assignment in _SET.value:
         apply_override(run.config, assignment)
+      if run.spec.init_from_row:  # a transfer row: the same seed's pre-trained backbone
+        run.config.init_from.path = os.path.join(workdir, run.spec.init_from_row,
+                                                 f"seed{run.seed}")
     created = [] if _REPORT_ONLY.value else preflight.check_workdir(workdir)
   except (ValueError, preflight.PreflightError) as e:  # the command line: one line, status 2
     print(e, file=sys.stderr, flush=True)
@@ -202,7 +206,7 @@ def main(argv: Sequence[str]) -> int:
       preflight.remove_if_empty(created)
       print(e, file=sys.stderr, flush=True)
       return USAGE_ERROR_EXIT_CODE
-    if _TIME_STEPS.value > 0:
+    if _TIME_STEPS.value > 0 and suite.kind == "comparison":
       logging.info("Timing %d steps of every main-table method back to back.", _TIME_STEPS.value)
       timing.time_methods(runs, workdir, steps=_TIME_STEPS.value, warmup=_TIME_WARMUP.value,
                           retime=_RETIME.value)
