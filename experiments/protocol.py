@@ -136,6 +136,7 @@ def fashion_mnist_converged_base() -> ml_collections.ConfigDict:
   c.data.augment = False
   c.num_epochs = 40
   c.eval_every_epochs = 4
+  c.eval_on_train_set = True  # does the model fit its training set? (eval mode, unaugmented)
   c.log_every_steps = 15
   c.checkpoint_every_steps = 150
   return c

@@ -98,6 +98,7 @@ def summarize(suite: protocol.Suite, runs: Sequence[protocol.Run], loaded: dict[
         "train_accuracy_last_epoch": analysis.final_train_accuracy(
             data["train"], after_step=r["num_steps"] * (1 - 1 / run.config.num_epochs)),
         "late_movement": analysis.late_movement(data["eval"], run.config.num_epochs),
+        "train_set_top1": r["final"].get("train_set/top1/backbone"),
         "teacher_lead": analysis.teacher_lead(data["eval"]),
     }
   for row in rows.values():

@@ -64,6 +64,7 @@ def test_teacher_lead_and_the_epoch_it_leads_for_good():
 def _rows(values):
   """name -> seed -> final top-1, as report.summarize shapes rows (other keys empty)."""
   return {name: {"seeds": {seed: {"final_top1": v, "train_accuracy_last_epoch": 100.0,
+                                  "train_set_top1": 99.5,
                                   "late_movement": 0.2, "teacher_lead": [(4, -1.0), (8, 1.0)]}
                            for seed, v in per_seed.items()}}
           for name, per_seed in values.items()}
@@ -86,7 +87,7 @@ def test_ablation_and_comparison_tables_show_paired_differences():
   assert f"| mixskd_full | **{ce['mean']:+.2f}** |" in comparison and ce["significant"]
   assert "3/3" in comparison.split("method - mixskd_full")[1]  # cross-entropy above full
   convergence = tables.convergence_table(suite, rows)
-  assert "| cross_entropy | 100.00 ± 0.00 | 0.20 ± 0.00 |" in convergence
+  assert "| cross_entropy | 99.50 ± 0.00 (3) | 100.00 ± 0.00 (3) | 0.20 ± 0.00 (3) |" in convergence
   teacher = tables.teacher_table(suite, rows)
   assert "| mixskd_full | -1.00 ± 0.00 | 1.00 ± 0.00 | 8, 8, 8 |" in teacher
 
