@@ -4,7 +4,8 @@ r"""Trains every run of a suite (method x seed, then the ablations) and writes i
 
 Resumable: a finished run (its `results.json` says so) is not run again; an interrupted one
 continues from its latest checkpoint (same data order, same mixup draws). Re-running the
-command after everything finished only rewrites the report. Runs share one process and a
+command after everything finished only rewrites the report. SIGTERM (a preemption, or the
+first Ctrl-C) during a run saves that run's step and ends the command with status 75. Runs share one process and a
 persistent XLA compilation cache, so seeds 2 and 3 of a method do not compile again.
 
 Then every main-table method's train step is timed back to back (`--time_steps`; kept in
@@ -46,6 +47,7 @@ if __name__ == "__main__":  # before anything imports TensorFlow (clu, tfds): a 
 from experiments import protocol, report, timing
 from mixskd_jax import config_schema
 from mixskd_jax.train import preflight, progress
+from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE
 # pylint: enable=wrong-import-position
 
 _SUITE = flags.DEFINE_string("suite", "fashion_mnist", f"one of {sorted(protocol.SUITES)}")
@@ -164,7 +166,9 @@ def training_order(runs: Sequence[protocol.Run]) -> list[protocol.Run]:
   return sorted(runs, key=lambda r: (r.ablation, r.seed))  # stable: the table's row order
 
 
-def train_all(runs: Sequence[protocol.Run], workdir: str) -> None:
+def train_all(runs: Sequence[protocol.Run], workdir: str) -> bool:
+  """Trains every unfinished run in `training_order`; False when a run was preempted (SIGTERM:
+  it saved its step), which ends the command, since the signal was meant for all of it."""
   from mixskd_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   runs = training_order(runs)
   for i, run in enumerate(runs):
@@ -177,6 +181,11 @@ def train_all(runs: Sequence[protocol.Run], workdir: str) -> None:
     results = train_and_evaluate(run.config, run_dir)
     record_invocation(run_dir, time.time() - t0, results)
     logging.info("[%d/%d] %s: %s", i + 1, len(runs), run.name, progress.one_line_summary(results))
+    if results.get("preempted"):
+      logging.warning("Stopped by a signal during %s (its step is saved); the same command "
+                      "resumes it and the runs after it.", run.name)
+      return False
+  return True
 
 
 def main(argv: Sequence[str]) -> int:
@@ -201,11 +210,13 @@ def main(argv: Sequence[str]) -> int:
   if not _REPORT_ONLY.value:
     enable_compilation_cache(os.path.join(workdir, ".jax_cache"))
     try:
-      train_all(runs, workdir)
+      completed = train_all(runs, workdir)
     except preflight.PreflightError as e:
       preflight.remove_if_empty(created)
       print(e, file=sys.stderr, flush=True)
       return USAGE_ERROR_EXIT_CODE
+    if not completed:
+      return PREEMPTED_EXIT_CODE
     if _TIME_STEPS.value > 0 and suite.kind == "comparison":
       logging.info("Timing %d steps of every main-table method back to back.", _TIME_STEPS.value)
       timing.time_methods(runs, workdir, steps=_TIME_STEPS.value, warmup=_TIME_WARMUP.value,

@@ -198,3 +198,29 @@ def test_committed_results_readme_quotes_the_committed_table():
   readme_values = [cells[0] for name, cells in readme_ablation.items()
                    if name == "all terms" or name.startswith("without")]
   assert values == readme_values
+
+
+def test_a_preempted_run_ends_the_command(tmp_path, monkeypatch):
+  """SIGTERM during a run saves it and stops the command (status 75): the signal is meant for
+  the whole command, so the next runs must not start (a restarted command would race them)."""
+  from mixskd_jax.train import loop
+  runs = runner.training_order(protocol.suite_runs(protocol.get_suite("smoke"),
+                                                   ablations=False))[:3]
+  trained = []
+
+  def fake_train(config, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    trained.append(workdir)
+    return {"finished": False, "preempted": len(trained) == 2, "steps_this_run": 1,
+            "step": 1, "num_steps": 2}
+
+  monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+  monkeypatch.setattr(runner.progress, "one_line_summary", lambda results: "")
+  assert runner.train_all(runs, str(tmp_path)) is False
+  assert trained == [str(tmp_path / r.name) for r in runs[:2]]
+  def finishing_train(config, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    return {"finished": True, "preempted": False}
+
+  monkeypatch.setattr(loop, "train_and_evaluate", finishing_train)
+  assert runner.train_all(runs, str(tmp_path)) is True
