@@ -13,7 +13,7 @@ variant, and which parameters each variant trains (spec §B.3-B.4):
   while the network receives the negated gradient and learns to fool them.
 
 Two research options, off by default (off, every variant computes exactly the reference's
-operations): a linear warm-up of the distillation KL terms' weights (`kl_warmup_scale`, applied
+operations): a linear warm-up of the distillation KL terms' weights (`kl_schedule.kl_warmup_scale`, applied
 through `mixskd_loss(..., term_scales=...)` by the trainer), and `ObjectiveConfig.kl_gate`,
 which keeps `kl_self_teacher` only on steps where the self-teacher out-predicts the backbone.
 """
@@ -28,14 +28,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mixskd_jax import losses, mixing, pooling as pooling_lib, trainable
+from mixskd_jax import kl_schedule, losses, mixing, pooling as pooling_lib, trainable
 from mixskd_jax.mixing import MixParams
 from mixskd_jax.models.outputs import ModelOutputs
 
 VARIANTS = ("reference_cifar", "full", "adversarial")
 TERMS = ("clean_ce", "mixup_ce", "self_teacher_ce", "kl_self_teacher", "kl_branches",
          "feature_mse", "discriminator")
-# The distillation KL terms: what `kl_warmup_scale` ramps.
+# The distillation KL terms: what `kl_schedule.kl_warmup_scale` ramps.
 KL_TERMS = ("kl_self_teacher", "kl_branches")
 # ObjectiveConfig.kl_gate: "none"; "teacher_leads" multiplies kl_self_teacher by 1 on steps
 # where the self-teacher's batch accuracy exceeds the backbone head's, else 0; "monitor"
@@ -57,7 +57,7 @@ class ObjectiveConfig:
       the discriminators (`adversarial` only).
     kl_gate: one of KL_GATES (research option; "none" is the reference). With
       "teacher_leads", `kl_self_teacher` enters the loss only on steps where the self-teacher
-      is more accurate than the backbone head on the rows that term pairs (`_kl_gate_accuracies`);
+      is more accurate than the backbone head on the rows that term pairs (`kl_schedule.kl_gate_accuracies`);
       "monitor" only logs that gate. Both log `kl_gate_open` (1/0) and the two accuracies.
   """
   variant: str = "full"
@@ -123,28 +123,6 @@ def _reversal_bwd(scale, _, g):
 gradient_reversal.defvjp(_reversal_fwd, _reversal_bwd)
 
 
-def kl_warmup_scale(step: jax.Array, *, steps_per_epoch: int,
-                    warmup_epochs: float) -> jax.Array:
-  """The distillation KL terms' weight factor at `step`: a linear ramp over fractional epochs,
-  min(1, (step / steps_per_epoch) / warmup_epochs), so 0 at step 0 and 1 from `warmup_epochs`
-  epochs on. Float32 (); pass it as `mixskd_loss(..., term_scales={t: s for t in KL_TERMS})`.
-  """
-  if not warmup_epochs > 0 or steps_per_epoch < 1:
-    raise ValueError(f"kl_warmup_scale needs warmup_epochs > 0 and steps_per_epoch >= 1, got "
-                     f"{warmup_epochs} and {steps_per_epoch}; a warm-up of 0 is no ramp.")
-  steps = jnp.float32(steps_per_epoch * warmup_epochs)
-  return jnp.minimum(jnp.float32(1.0), jnp.asarray(step, jnp.float32) / steps)
-
-
-def _mixup_accuracy(logits: jax.Array, labels_a: jax.Array, labels_b: jax.Array,
-                    lam: jax.Array) -> jax.Array:
-  """(N,) top-1 accuracy against a mixup target, credited as the mixup CE weighs its labels:
-  lam * [argmax = y_a] + (1 - lam) * [argmax = y_b] (1 or 0 when y_a = y_b)."""
-  pred = jnp.argmax(logits, axis=-1)
-  lam = losses.upcast(lam)
-  return lam * (pred == labels_a) + (1.0 - lam) * (pred == labels_b)
-
-
 def _scaled_weights(config: ObjectiveConfig, term_scales: Mapping[str, Any] | None,
                     gate: jax.Array | None) -> dict[str, Any]:
   """Each term's weight: the config's, times its `term_scales` entry, times the KL gate for
@@ -178,7 +156,7 @@ def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
   directions of a mutual KL stay a tuple, so its batch means add in the reference's order.
 
   Also, when `config.kl_gate` is not "none", the per-example (B,) accuracies the gate
-  compares (`_kl_gate_accuracies`), else None."""
+  compares (`kl_schedule.kl_gate_accuracies`), else None."""
   _check_outputs(outputs, labels.shape[0])
   num_heads = outputs.num_heads
   groups = mix.num_groups
@@ -208,7 +186,7 @@ def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
 
   accuracies = None
   if config.kl_gate != "none":
-    accuracies = _kl_gate_accuracies(
+    accuracies = kl_schedule.kl_gate_accuracies(
         students=(interp_logits[-1], mixup_logits[-1]),
         teachers=(teacher_mixup, teacher_interp), labels=labels, labels_b=labels_b, lam=lam)
 
@@ -226,25 +204,6 @@ def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
       "discriminator": [losses.discriminator_bce(*mixing.split_views(d, groups))
                         for d in disc_logits],
   }, accuracies
-
-
-def _kl_gate_accuracies(*, students, teachers, labels, labels_b, lam) -> dict[str, jax.Array]:
-  """The per-example accuracies the KL gate compares, on exactly the rows kl_self_teacher
-  pairs: its students (the backbone head's interpolated and mixup logits) and its teachers
-  (the self-teacher on the mixup and on the interpolated features). All four predict the same
-  mixup target lam * y_a + (1 - lam) * y_b; each side's accuracy is the mean over its two
-  views of `_mixup_accuracy`. No gradient."""
-  acc = lambda zs: 0.5 * sum(_mixup_accuracy(z, labels, labels_b, lam) for z in zs)
-  return jax.lax.stop_gradient({"teacher": acc(teachers), "backbone": acc(students)})
-
-
-def _gate_logs(teacher_accuracy: jax.Array, backbone_accuracy: jax.Array
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The gate (1.0 when the self-teacher's accuracy strictly exceeds the backbone's, else 0.0;
-  a tie closes it) and what it logs."""
-  gate = (teacher_accuracy > backbone_accuracy).astype(jnp.float32)
-  return gate, {"kl_gate_open": gate, "kl_gate/teacher_accuracy": teacher_accuracy,
-                "kl_gate/backbone_accuracy": backbone_accuracy}
 
 
 def _batch_mean(values: jax.Array, where: jax.Array | None, axis_name: Any) -> jax.Array:
@@ -293,7 +252,7 @@ def mixskd_loss(
       split over: every mean is then over the whole global batch (psum of sums and counts),
       and the loss is the same on every device.
     term_scales: optional term name -> scalar factor (a traced value is fine) on that term's
-      weight for this step, e.g. `kl_warmup_scale` on the KL_TERMS. A term whose config weight
+      weight for this step, e.g. `kl_schedule.kl_warmup_scale` on the KL_TERMS. A term whose config weight
       is 0 stays out of the loss whatever its factor.
 
   Returns:
@@ -311,7 +270,7 @@ def mixskd_loss(
            for name, values in per_head.items()}
   gate, gate_logs = None, {}
   if accuracies is not None:
-    gate, gate_logs = _gate_logs(_batch_mean(accuracies["teacher"], where, axis_name),
+    gate, gate_logs = kl_schedule.gate_logs(_batch_mean(accuracies["teacher"], where, axis_name),
                                  _batch_mean(accuracies["backbone"], where, axis_name))
   weights = _scaled_weights(config, term_scales, gate)
   loss = jnp.zeros((), jnp.float32)
@@ -355,7 +314,7 @@ def mixskd_per_example_terms(
            for name, values in per_head.items()}
   gate, gate_logs = None, {}
   if accuracies is not None:
-    gate, _ = _gate_logs(jnp.mean(accuracies["teacher"]), jnp.mean(accuracies["backbone"]))
+    gate, _ = kl_schedule.gate_logs(jnp.mean(accuracies["teacher"]), jnp.mean(accuracies["backbone"]))
     gate_logs = {"kl_gate_open": jnp.broadcast_to(gate, zero.shape),
                  "kl_gate/teacher_accuracy": accuracies["teacher"],
                  "kl_gate/backbone_accuracy": accuracies["backbone"]}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from mixskd_jax import mixing, objective
+from mixskd_jax import kl_schedule, mixing, objective
 from mixskd_jax.models import FeatureDiscriminators, ModelOutputs, SelfTeacher, build_model
 from mixskd_jax.objective import ObjectiveConfig
 from mixskd_jax.train.optimizer import partitioned, reference_sgd
@@ -414,14 +414,14 @@ def test_kl_options_off_trace_exactly_todays_objective(tiny_net, variant):
 
 def test_kl_warmup_scale_is_the_linear_ramp():
   """min(1, (step / steps_per_epoch) / warmup_epochs): 4 steps an epoch, 2.5 epochs."""
-  scale = lambda step: float(objective.kl_warmup_scale(jnp.int32(step), steps_per_epoch=4,
+  scale = lambda step: float(kl_schedule.kl_warmup_scale(jnp.int32(step), steps_per_epoch=4,
                                                        warmup_epochs=2.5))
   assert scale(0) == 0.0
   assert scale(5) == 0.5                      # 1.25 epochs of 2.5
   np.testing.assert_allclose(scale(3), 0.3, rtol=1e-7)
   assert scale(10) == 1.0 and scale(37) == 1.0
   with pytest.raises(ValueError, match="warmup_epochs"):
-    objective.kl_warmup_scale(jnp.int32(0), steps_per_epoch=4, warmup_epochs=0.0)
+    kl_schedule.kl_warmup_scale(jnp.int32(0), steps_per_epoch=4, warmup_epochs=0.0)
 
 
 @pytest.mark.parametrize("factor", [0.0, 0.5])

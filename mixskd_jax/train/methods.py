@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from mixskd_jax import baselines, losses, mixing, objective, trainable
+from mixskd_jax import baselines, kl_schedule, losses, mixing, objective, trainable
 from mixskd_jax.objective import ObjectiveConfig
 
 METHODS = ("mixskd", "cross_entropy", "label_smoothing", "mixup", "cutmix", "cs_kd", "ps_kd",
@@ -95,7 +95,7 @@ def mixskd_method(config: ml_collections.ConfigDict, *, num_groups: int,
 
   The outputs it returns hold the clean rows' logits only (what the step's accuracy reads).
   With `config.objective.kl_warmup_epochs` > 0 the KL terms' weights ramp up linearly over
-  that many epochs of `steps_per_epoch` steps (`objective.kl_warmup_scale`, logged as
+  that many epochs of `steps_per_epoch` steps (`kl_schedule.kl_warmup_scale`, logged as
   `kl_warmup_scale`); `config.objective.kl_gate` is the objective's (`ObjectiveConfig`).
   """
   obj = objective_config(config)
@@ -108,7 +108,7 @@ def mixskd_method(config: ml_collections.ConfigDict, *, num_groups: int,
                             lam_per_group=lam_per_group)
     ramp = None
     if kl_warmup_epochs > 0:
-      ramp = objective.kl_warmup_scale(inputs.step, steps_per_epoch=steps_per_epoch,
+      ramp = kl_schedule.kl_warmup_scale(inputs.step, steps_per_epoch=steps_per_epoch,
                                        warmup_epochs=kl_warmup_epochs)
     value, (terms, outputs, stats) = objective.apply_mixskd(
         model, variables, inputs.images, inputs.labels, mix, obj,
