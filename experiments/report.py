@@ -6,9 +6,15 @@ Files written to the results directory:
   scripts' protocol, selected on the test set, so optimistic); expected calibration error
   of the backbone (15 bins, %); measured training step time (median of the timing phase,
   experiments/timing.py, else of the runs) and its ratio to cross-entropy.
-* `ablation.md`: MixSKD `full` with one part removed, and the change in top-1.
+* `ablation.md`: MixSKD `full` with one part removed (and the investigation rows), the change
+  in top-1 paired by seed.
+* `comparisons.md`: every row against cross-entropy and MixSKD `full`, paired by seed
+  (experiments/analysis.py); `convergence.md`: training-set accuracy and late test movement;
+  `teacher.md`: the self-teacher's lead over the backbone.
 * `summary.json`: every number above, per seed.
-* `accuracy_vs_epoch.png`, `mixskd_heads.png`, `mixskd_loss_terms.png`, `reliability.png`.
+* `accuracy_vs_epoch.png`, `mixskd_heads.png`, `mixskd_loss_terms.png`, `reliability.png`,
+  `teacher_lead.png`.
+* A transfer suite writes `transfer.md` and `transfer.png` instead (experiments/transfer.py).
 * `RUN.md`: the exact command, library versions, machine and wall times.
 """
 
@@ -179,6 +185,29 @@ def _plots(suite: protocol.Suite, runs: Sequence[protocol.Run], loaded: dict[str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     written.append(_save(fig, out, "mixskd_loss_terms.png"))
+
+  # The self-teacher's lead over the backbone during training, every MixSKD row (ablations
+  # and investigations included), mean over seeds.
+  leads: dict[str, list] = {}
+  for run in runs:
+    if run.spec.method == "mixskd" and run.name in loaded:
+      lead = analysis.teacher_lead(loaded[run.name]["eval"])
+      if lead:
+        leads.setdefault(run.spec.name, []).append(lead)
+  if leads:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, per_seed in leads.items():
+      n = min(len(lead) for lead in per_seed)
+      epochs = [e for e, _ in per_seed[0][:n]]
+      gaps = np.array([[g for _, g in lead[:n]] for lead in per_seed])
+      ax.plot(epochs, gaps.mean(0), marker=".", label=f"{name} ({len(per_seed)} seeds)",
+              linestyle="-" if not name.startswith("full_") else "--")
+    ax.axhline(0.0, color="k", linewidth=0.8)
+    ax.set(xlabel="epoch", ylabel="self-teacher top-1 - backbone top-1 (test, points)",
+           title="Does the self-teacher lead the head it distils into?")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out, "teacher_lead.png"))
 
   # Reliability diagram: bin sums pooled over seeds, final epoch.
   present = [name for name in RELIABILITY_RUNS if by_spec.get(name)]
