@@ -15,7 +15,10 @@ table, the seeds, and the MixSKD ablations. `suite_runs(suite)` lists every run 
   64 + 64 images per step) for users with accelerators.
 * `fashion_mnist_long`: the same, 3x the epochs, for CE, mixup and MixSKD `full` only: is
   the short schedule what holds the mixup-based methods back?
-* `smoke`: the fashion_mnist protocol shrunk to seconds, for tests.
+* `fashion_mnist_transfer`: pre-training on classes 0-4, then a linear probe and fine-tuning on
+  classes 5-9 from 50 labels per class.
+* `smoke`, `transfer_smoke`: the fashion_mnist and transfer protocols shrunk to seconds, for
+  tests.
 """
 
 from __future__ import annotations
@@ -202,17 +205,40 @@ def transfer_downstream_base() -> ml_collections.ConfigDict:
   return c
 
 
-def transfer_rows() -> tuple[MethodSpec, ...]:
+def transfer_rows(downstream_recipe: Callable[[], ml_collections.ConfigDict] =
+                  transfer_downstream_base) -> tuple[MethodSpec, ...]:
   """Pre-training rows, a from-scratch reference on the downstream data, then a probe and a
-  fine-tuning row per pre-training."""
+  fine-tuning row per pre-training, each downstream row on `downstream_recipe`."""
   pretrain = tuple(dataclasses.replace(m, name=f"pretrain_{m.name}") for m in PRETRAIN_METHODS)
-  downstream = [MethodSpec("scratch", "cross_entropy", recipe=transfer_downstream_base)]
+  downstream = [MethodSpec("scratch", "cross_entropy", recipe=downstream_recipe)]
   for p in pretrain:
     for prefix, overrides in DOWNSTREAM.values():
       downstream.append(MethodSpec(f"{prefix}_{p.name[len('pretrain_'):]}", "cross_entropy",
                                    overrides=overrides, init_from_row=p.name,
-                                   recipe=transfer_downstream_base))
+                                   recipe=downstream_recipe))
   return pretrain + tuple(downstream)
+
+
+def _shrunk(c: ml_collections.ConfigDict, per_class: int, batch: int) -> ml_collections.ConfigDict:
+  """`c` at smoke size: `per_class` images per class, 2 epochs of `batch`, 40 test images."""
+  c.data.train_examples_per_class = per_class
+  c.data.test_examples = 40
+  c.batch_size = batch
+  c.eval_batch_size = 40
+  c.num_epochs = 2
+  c.optimizer.warmup_epochs = 1
+  c.eval_every_epochs = 1
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 5
+  return c
+
+
+def transfer_smoke_pretrain_base() -> ml_collections.ConfigDict:
+  return _shrunk(transfer_pretrain_base(), per_class=8, batch=16)
+
+
+def transfer_smoke_downstream_base() -> ml_collections.ConfigDict:
+  return _shrunk(transfer_downstream_base(), per_class=4, batch=8)
 
 
 def cifar100_base() -> ml_collections.ConfigDict:
@@ -238,6 +264,10 @@ SUITES = {
         "fashion_mnist_transfer", transfer_pretrain_base,
         "Fashion-MNIST transfer: pre-train on classes 0-4, then 50 labels/class of classes 5-9",
         methods=transfer_rows(), ablations=(), kind="transfer"),
+    "transfer_smoke": Suite(
+        "transfer_smoke", transfer_smoke_pretrain_base,
+        "a seconds-long shrink of fashion_mnist_transfer, for tests",
+        methods=transfer_rows(transfer_smoke_downstream_base), ablations=(), kind="transfer"),
     "cifar100": Suite("cifar100", cifar100_base,
                       "CIFAR-100, CIFAR ResNet-18, the paper's 205-epoch recipe"),
     "smoke": Suite("smoke", smoke_base, "a seconds-long shrink of fashion_mnist, for tests",

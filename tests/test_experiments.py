@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -161,6 +162,41 @@ def test_command_trains_reports_and_skips_finished_runs(tmp_path):
     runner.main(["run"])
   assert len(_timing(workdir, "cross_entropy/seed0")["invocations"]) == 1
   assert len(_timing(workdir, "cross_entropy/seed1")["invocations"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fashion_mnist_offline")
+def test_transfer_command_pretrains_then_probes_and_fine_tunes_from_it(tmp_path):
+  """The transfer suite's runner: each downstream row starts from its pre-training's backbone
+  (same seed); the probe leaves that backbone bit-identical; the table shows the rows."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  workdir, results = str(tmp_path / "runs"), str(tmp_path / "results")
+  methods = ["pretrain_cross_entropy", "probe_cross_entropy", "finetune_cross_entropy"]
+  with flagsaver.flagsaver(suite="transfer_smoke", workdir=workdir, results_dir=results,
+                           seeds=["0"], methods=methods, time_steps=0):
+    assert runner.main(["run"]) == 0
+  from mixskd_jax.train import pretrained
+  source = pretrained.load_trained(os.path.join(workdir, "pretrain_cross_entropy", "seed0"))
+  probe = pretrained.load_trained(os.path.join(workdir, "probe_cross_entropy", "seed0"))
+  tuned = pretrained.load_trained(os.path.join(workdir, "finetune_cross_entropy", "seed0"))
+  assert source.num_classes == probe.num_classes == 5
+  for collection in ("params", "batch_stats"):
+    for name, tree in source.variables[collection].items():
+      if name == "fc":
+        continue
+      jax_equal = jax.tree_util.tree_map(np.array_equal, tree,
+                                         probe.variables[collection][name])
+      assert all(jax.tree_util.tree_leaves(jax_equal)), (collection, name)
+  assert not np.array_equal(source.variables["params"]["stem"]["conv1"]["kernel"],
+                            tuned.variables["params"]["stem"]["conv1"]["kernel"])
+  with open(os.path.join(workdir, "probe_cross_entropy", "seed0", "results.json")) as f:
+    probe_top1 = json.load(f)["final"]["eval/top1/backbone"]
+  with open(os.path.join(results, "transfer.md")) as f:
+    table = f.read()
+  assert f"| cross_entropy | " in table and f"{probe_top1:.2f}" in table
+  with open(os.path.join(results, "transfer.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 RESULTS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "results")
