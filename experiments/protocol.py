@@ -145,18 +145,26 @@ def fashion_mnist_converged_base() -> ml_collections.ConfigDict:
   return c
 
 
-def smoke_base() -> ml_collections.ConfigDict:
-  """The fashion_mnist protocol on 10 images per class, 2 epochs of batch 16, 60 test images
-  (batches divide by 8, so it also runs on 8 devices)."""
-  c = fashion_mnist_base()
-  c.data.train_examples_per_class = 10
-  c.data.test_examples = 60
-  c.batch_size = 16
-  c.eval_batch_size = 32
+def _shrunk(c: ml_collections.ConfigDict, *, per_class: int, batch: int, test_examples: int,
+            eval_batch: int) -> ml_collections.ConfigDict:
+  """`c` at smoke size: `per_class` images per class, 2 epochs of `batch` (1 of warm-up),
+  evaluated after each on `test_examples` test images."""
+  c.data.train_examples_per_class = per_class
+  c.data.test_examples = test_examples
+  c.batch_size = batch
+  c.eval_batch_size = eval_batch
   c.num_epochs = 2
+  c.optimizer.warmup_epochs = 1
+  c.eval_every_epochs = 1
   c.log_every_steps = 2
   c.checkpoint_every_steps = 5
   return c
+
+
+def smoke_base() -> ml_collections.ConfigDict:
+  """The fashion_mnist protocol on 10 images per class, 2 epochs of batch 16, 60 test images
+  (batches divide by 8, so it also runs on 8 devices)."""
+  return _shrunk(fashion_mnist_base(), per_class=10, batch=16, test_examples=60, eval_batch=32)
 
 
 def fashion_mnist_long_base() -> ml_collections.ConfigDict:
@@ -219,26 +227,14 @@ def transfer_rows(downstream_recipe: Callable[[], ml_collections.ConfigDict] =
   return pretrain + tuple(downstream)
 
 
-def _shrunk(c: ml_collections.ConfigDict, per_class: int, batch: int) -> ml_collections.ConfigDict:
-  """`c` at smoke size: `per_class` images per class, 2 epochs of `batch`, 40 test images."""
-  c.data.train_examples_per_class = per_class
-  c.data.test_examples = 40
-  c.batch_size = batch
-  c.eval_batch_size = 40
-  c.num_epochs = 2
-  c.optimizer.warmup_epochs = 1
-  c.eval_every_epochs = 1
-  c.log_every_steps = 2
-  c.checkpoint_every_steps = 5
-  return c
-
-
 def transfer_smoke_pretrain_base() -> ml_collections.ConfigDict:
-  return _shrunk(transfer_pretrain_base(), per_class=8, batch=16)
+  return _shrunk(transfer_pretrain_base(), per_class=8, batch=16, test_examples=40,
+                 eval_batch=40)
 
 
 def transfer_smoke_downstream_base() -> ml_collections.ConfigDict:
-  return _shrunk(transfer_downstream_base(), per_class=4, batch=8)
+  return _shrunk(transfer_downstream_base(), per_class=4, batch=8, test_examples=40,
+                 eval_batch=40)
 
 
 def cifar100_base() -> ml_collections.ConfigDict:
