@@ -216,18 +216,37 @@ def _rows(markdown):
   return rows
 
 
-def test_committed_results_readme_quotes_the_committed_table():
-  """experiments/results/README.md repeats fashion_mnist/table.md exactly (seeds column
-  dropped) and the ablation table's numbers."""
+def _section(text, heading):
+  """The markdown after `heading` up to the next heading of any level."""
+  return text.split(heading, 1)[1].split("\n#", 1)[0]
+
+
+@pytest.mark.parametrize("suite,heading", [
+    ("fashion_mnist_converged", "### Main table (`fashion_mnist_converged/table.md`)"),
+    ("fashion_mnist", "### Short-schedule main table (`fashion_mnist/table.md`)")])
+def test_committed_results_readme_quotes_the_committed_tables(suite, heading):
+  """experiments/results/README.md repeats each suite's table.md exactly (seeds column
+  dropped)."""
   with open(os.path.join(RESULTS, "README.md")) as f:
-    text = f.read()
-  readme = _rows(text.split("## Main table", 1)[1].split("\n## ", 1)[0])
-  readme_ablation = _rows(text.split("## Ablation", 1)[1].split("\n## ", 1)[0])
-  with open(os.path.join(RESULTS, "fashion_mnist", "table.md")) as f:
+    readme = _rows(_section(f.read(), heading))
+  with open(os.path.join(RESULTS, suite, "table.md")) as f:
     table = _rows(f.read())
   for name, shown in README_NAMES.items():
     top1, _, best, heads, ece, step, cost = table[name]
     assert readme[shown] == [top1, best, heads, ece, step, cost], name
+
+
+def test_committed_results_readme_quotes_the_paired_comparisons_and_ablation():
+  """The converged suite's paired comparisons and convergence table appear verbatim; the
+  short-schedule ablation's numbers are the ones in fashion_mnist/ablation.md."""
+  with open(os.path.join(RESULTS, "README.md")) as f:
+    text = f.read()
+  for name in ("comparisons.md", "convergence.md"):  # the main-table rows (not ablations')
+    with open(os.path.join(RESULTS, "fashion_mnist_converged", name)) as f:
+      lines = [l for l in f.read().splitlines()
+               if l.startswith("| ") and l.split("|")[1].strip() in README_NAMES]
+    assert len(lines) >= 10 and all(l in text for l in lines), name
+  readme_ablation = _rows(_section(text, "### Short-schedule ablation of MixSKD `full`"))
   with open(os.path.join(RESULTS, "fashion_mnist", "ablation.md")) as f:
     ablation = _rows(f.read())
   values = [cells[0] for name, cells in ablation.items() if name.startswith("full")]
