@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import ml_collections
 
+from mixskd_jax import config_choices
 from mixskd_jax.config_rule_kinds import (Rule, choice, flag, integer, is_int, is_number, number,
                                           text)
 from mixskd_jax.objective import TERMS
@@ -44,50 +45,6 @@ DATASET_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "imagene
 RESUME_POLICIES = ("same_config", "allow_changes")  # train/run_guard.py
 DISTRIBUTED_MODES = ("auto", "always", "never")  # train/distributed.py
 CPU_COLLECTIVES = ("gloo", "mpi", "megascale")  # jax_cpu_collectives_implementation
-
-
-# ---------------------------------------------------------------------------------------------
-# The registries, imported when first checked (they import JAX and Flax, not TensorFlow).
-
-def _models() -> tuple:
-  from mixskd_jax.models.registry import SPECS  # pylint: disable=import-outside-toplevel
-  return tuple(SPECS)
-
-
-def _dtypes() -> tuple:
-  from mixskd_jax.models.registry import DTYPES  # pylint: disable=import-outside-toplevel
-  return tuple(DTYPES)
-
-
-def _cpu_convolutions() -> tuple:
-  # pylint: disable-next=import-outside-toplevel
-  from mixskd_jax.models.xla_options import CPU_CONVOLUTIONS
-  return CPU_CONVOLUTIONS
-
-
-def _running_stats() -> tuple:
-  from mixskd_jax.models.layers import RUNNING_STATS  # pylint: disable=import-outside-toplevel
-  return RUNNING_STATS
-
-
-def _methods() -> tuple:
-  from mixskd_jax.train.methods import METHODS  # pylint: disable=import-outside-toplevel
-  return METHODS
-
-
-def _variants() -> tuple:
-  from mixskd_jax.objective import VARIANTS  # pylint: disable=import-outside-toplevel
-  return VARIANTS
-
-
-def _kl_gates() -> tuple:
-  from mixskd_jax.objective import KL_GATES  # pylint: disable=import-outside-toplevel
-  return KL_GATES
-
-
-def _schedules() -> tuple:
-  from mixskd_jax.train.schedule import SCHEDULES  # pylint: disable=import-outside-toplevel
-  return SCHEDULES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,17 +87,18 @@ RULES: dict[str, Rule] = {
     # Seeds numpy's Generator, tf's stateless ops and jax.random.key, which takes an int64.
     "seed": integer(0, "seeds the data order, augmentation and initialization",
                     maximum=2**63 - 1),
-    "method": choice(_methods, none_means="mixskd when config.model.mixskd, else cross_entropy"),
-    "model.name": choice(_models),
+    "method": choice(config_choices.methods,
+                     none_means="mixskd when config.model.mixskd, else cross_entropy"),
+    "model.name": choice(config_choices.models),
     "model.mixskd": flag(),
-    "model.dtype": choice(_dtypes),
+    "model.dtype": choice(config_choices.dtypes),
     "model.discriminator_hidden": integer(1, "hidden units of each discriminator"),
     "model.conv_input_barrier": flag(),
-    "model.cpu_convolutions": choice(_cpu_convolutions),
+    "model.cpu_convolutions": choice(config_choices.cpu_convolutions),
     "model.remat_branches": flag(),
     "model.batchnorm_groups": integer(1, "row groups of the batch's BatchNorm statistics",
                                       also=(-1,), also_why="one per mix group"),
-    "model.batchnorm_running_stats": choice(_running_stats),
+    "model.batchnorm_running_stats": choice(config_choices.running_stats),
     "data.name": choice(DATASETS),
     "data.data_dir": text("a directory path", "tfds's default data_dir"),
     "data.manual_dir": text("a directory path", "imagenet2012 already prepared in data_dir"),
@@ -166,7 +124,7 @@ RULES: dict[str, Rule] = {
     "num_epochs": integer(0, "the run's length in epochs"),
     "num_train_steps": integer(1, "the run's length in steps", also=(-1,),
                                also_why="num_epochs epochs"),
-    "objective.variant": choice(_variants),
+    "objective.variant": choice(config_choices.variants),
     # mixing.sample_lambda: alpha <= 0 means lam = 1 (no mixing), as the reference; only a
     # negative value is a mistake.
     "objective.alpha": number(0, "mixup's Beta(alpha, alpha); 0: no mixing"),
@@ -179,7 +137,7 @@ RULES: dict[str, Rule] = {
     "objective.min_mix_group_size": integer(1),
     "objective.lam_per_group": flag(),
     "objective.kl_warmup_epochs": number(0, "epochs of the KL terms' linear warm-up; 0: none"),
-    "objective.kl_gate": choice(_kl_gates),
+    "objective.kl_gate": choice(config_choices.kl_gates),
     "baselines.label_smoothing": number(0, "the label gets 1 - eps", below=1),
     "baselines.mixup_alpha": number(0, "Beta(alpha, alpha); 0: no mixing"),
     "baselines.cutmix_alpha": number(0, "Beta(alpha, alpha); 0: no mixing"),
@@ -196,7 +154,7 @@ RULES: dict[str, Rule] = {
     "optimizer.nesterov": flag(),
     "optimizer.weight_decay": number(0, "coupled L2"),
     "optimizer.warmup_epochs": integer(0, "epochs of linear warm-up; 0: none"),
-    "optimizer.schedule": choice(_schedules),
+    "optimizer.schedule": choice(config_choices.schedules),
     "optimizer.milestones": Rule(_increasing_epochs, "a tuple of strictly increasing ints "
                                  ">= 0 (epochs after warm-up; () for none)"),
     "optimizer.decay_factor": number(0, "the rate's factor at each milestone"),
