@@ -23,7 +23,8 @@ def fmt(mean: float, std: float, digits: int = 2) -> str:
   return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _final(rows: dict[str, dict], name: str) -> dict[int, float]:
+def final_top1(rows: dict[str, dict], name: str) -> dict[int, float]:
+  """Seed -> final test top-1 of the row `name` ({} when it has no finished run)."""
   return {seed: s["final_top1"] for seed, s in rows.get(name, {}).get("seeds", {}).items()}
 
 
@@ -63,14 +64,14 @@ def main_table(suite: protocol.Suite, rows: dict[str, dict]) -> str:
 def ablation_table(suite: protocol.Suite, rows: dict[str, dict]) -> str:
   """Each ablation's final top-1 and its paired difference to `full` over the seeds both
   have (a single seed: the plain difference)."""
-  full = _final(rows, "mixskd_full")
+  full = final_top1(rows, "mixskd_full")
   lines = ["| MixSKD `full` | top-1 % (last epoch) | change vs full | 95% CI | p (paired t) "
            "| seeds above full |", "|---|---|---|---|---|---|"]
   base = [full[s] for s in suite.ablation_seeds if s in full]
   if base:
     lines.append(f"| full (all terms) | {fmt(*mean_std(base))} | | | | |")
   for spec in suite.ablations + suite.investigations:
-    values = {s: v for s, v in _final(rows, spec.name).items() if s in suite.ablation_seeds}
+    values = {s: v for s, v in final_top1(rows, spec.name).items() if s in suite.ablation_seeds}
     if not values:
       lines.append(f"| {spec.name} | not run | | | | |")
       continue
@@ -96,7 +97,7 @@ def comparison_table(suite: protocol.Suite, rows: dict[str, dict],
   over seeds, its 95% CI, the paired t-test's p and the seeds won."""
   out = []
   for reference in references:
-    ref = _final(rows, reference)
+    ref = final_top1(rows, reference)
     if not ref:
       continue
     lines = [f"| method - {reference} | difference (points) | 95% CI | p (paired t) "
@@ -105,7 +106,7 @@ def comparison_table(suite: protocol.Suite, rows: dict[str, dict],
       if spec.name == reference or spec.name not in rows:
         continue
       lines.append(f"| {spec.name} "
-                   f"{_paired_cells(analysis.paired_difference(_final(rows, spec.name), ref))}")
+                   f"{_paired_cells(analysis.paired_difference(final_top1(rows, spec.name), ref))}")
     out.append("\n".join(lines))
   return ("Final test top-1 of the backbone head, paired by seed (same seed: same "
           "initialization, data order and draws for every method). Bold: p < "

@@ -15,10 +15,6 @@ from experiments import analysis, protocol, tables
 MODES = (("probe", "linear probe"), ("finetune", "fine-tuned"))
 
 
-def _final(rows: dict, name: str) -> dict[int, float]:
-  return {seed: s["final_top1"] for seed, s in rows.get(name, {}).get("seeds", {}).items()}
-
-
 def _pretrainings(suite: protocol.Suite) -> list[str]:
   return [s.name[len("pretrain_"):] for s in suite.methods if s.name.startswith("pretrain_")]
 
@@ -29,17 +25,17 @@ def transfer_table(suite: protocol.Suite, rows: dict) -> str:
   paired difference to the cross-entropy pre-training (bold: p < 0.05)."""
   lines = ["| pre-training | its top-1 % (classes 0-4) | linear probe top-1 % | vs CE "
            "pre-training | fine-tuned top-1 % | vs CE pre-training |", "|---|---|---|---|---|---|"]
-  scratch = _final(rows, "scratch")
+  scratch = tables.final_top1(rows, "scratch")
   if scratch:
     lines.append(f"| none (trained from scratch on the 250 images) | | | | "
                  f"{tables.fmt(*tables.mean_std(list(scratch.values())))} | |")
   for name in _pretrainings(suite):
-    own = _final(rows, f"pretrain_{name}")
+    own = tables.final_top1(rows, f"pretrain_{name}")
     cells = [tables.fmt(*tables.mean_std(list(own.values()))) if own else "not run"]
     for prefix, _ in MODES:
-      values = _final(rows, f"{prefix}_{name}")
+      values = tables.final_top1(rows, f"{prefix}_{name}")
       cells.append(tables.fmt(*tables.mean_std(list(values.values()))) if values else "not run")
-      diff = (analysis.paired_difference(values, _final(rows, f"{prefix}_cross_entropy"))
+      diff = (analysis.paired_difference(values, tables.final_top1(rows, f"{prefix}_cross_entropy"))
               if name != "cross_entropy" else None)
       if diff is None:
         cells.append("")
@@ -55,7 +51,8 @@ def transfer_table(suite: protocol.Suite, rows: dict) -> str:
 
 def transfer_plot(suite: protocol.Suite, rows: dict, out: str) -> str | None:
   """Grouped bars (mean over seeds, error bar = sd, dots = seeds) per pre-training and mode."""
-  names = [n for n in _pretrainings(suite) if any(_final(rows, f"{p}_{n}") for p, _ in MODES)]
+  final = lambda row: tables.final_top1(rows, row)
+  names = [n for n in _pretrainings(suite) if any(final(f"{p}_{n}") for p, _ in MODES)]
   if not names:
     return None
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -65,17 +62,17 @@ def transfer_plot(suite: protocol.Suite, rows: dict, out: str) -> str | None:
   width = 0.38
   x = np.arange(len(names))
   for i, (prefix, label) in enumerate(MODES):
-    values = [list(_final(rows, f"{prefix}_{n}").values()) for n in names]
+    values = [list(tables.final_top1(rows, f"{prefix}_{n}").values()) for n in names]
     means = [np.mean(v) if v else np.nan for v in values]
     sds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]
     ax.bar(x + (i - 0.5) * width, means, width, yerr=sds, capsize=4, label=label, alpha=0.8)
     for j, v in enumerate(values):
       ax.plot([x[j] + (i - 0.5) * width] * len(v), v, "k.", markersize=4)
-  scratch = list(_final(rows, "scratch").values())
+  scratch = list(tables.final_top1(rows, "scratch").values())
   if scratch:
     ax.axhline(np.mean(scratch), color="gray", linestyle="--",
                label=f"from scratch ({np.mean(scratch):.1f}%)")
-  finite = [v for n in names for p, _ in MODES for v in _final(rows, f"{p}_{n}").values()]
+  finite = [v for n in names for p, _ in MODES for v in final(f"{p}_{n}").values()]
   finite += scratch
   ax.set_ylim(min(finite) - 3, max(finite) + 2)
   ax.set_xticks(x, [f"pre-trained with\n{n}" for n in names])
