@@ -89,3 +89,15 @@ def first_lead_epoch(lead: Sequence[tuple[float, float]]) -> float | None:
     else:
       epoch = None
   return epoch
+
+
+def gate_history(train_history: Sequence[Mapping[str, float]],
+                 steps_per_epoch: float) -> list[tuple[float, float, float]]:
+  """(epoch, share of steps with the self-teacher's KL on, self-teacher - backbone accuracy)
+  per logged window of a run with `objective.kl_gate` on, both in %/points; the accuracies
+  are the ones the gate compares (lam-weighted, on the rows the KL pairs, training mode).
+  Each record is the mean over its window's steps, so the share is exact per window. Empty
+  for a run without the gate."""
+  return [(t["step"] / steps_per_epoch, 100.0 * t["train/kl_gate_open"],
+           100.0 * (t["train/kl_gate/teacher_accuracy"] - t["train/kl_gate/backbone_accuracy"]))
+          for t in train_history if "train/kl_gate_open" in t]

@@ -10,7 +10,8 @@ Files written to the results directory:
   in top-1 paired by seed.
 * `comparisons.md`: every row against cross-entropy and MixSKD `full`, paired by seed
   (experiments/analysis.py); `convergence.md`: training-set accuracy and late test movement;
-  `teacher.md`: the self-teacher's lead over the backbone.
+  `teacher.md`: the self-teacher's lead over the backbone; `gate.md` (rows trained with
+  `objective.kl_gate`): how often the self-teacher's KL was on, and the lead it was gated on.
 * `summary.json`: every number above, per seed.
 * `accuracy_vs_epoch.png`, `mixskd_heads.png`, `mixskd_loss_terms.png`, `reliability.png`,
   `teacher_lead.png`.
@@ -107,6 +108,8 @@ def summarize(suite: protocol.Suite, runs: Sequence[protocol.Run], loaded: dict[
         "late_movement": analysis.late_movement(data["eval"], run.config.num_epochs),
         "train_set_top1": r["final"].get("train_set/top1/backbone"),
         "teacher_lead": analysis.teacher_lead(data["eval"]),
+        "kl_gate": analysis.gate_history(
+            data["train"], steps_per_epoch=r["num_steps"] / run.config.num_epochs),
     }
   for row in rows.values():
     seeds = row["seeds"].values()
@@ -301,7 +304,8 @@ def _comparison_report(suite, runs, loaded, rows, results_dir) -> list[str]:
   extra = {"comparisons.md": ("Paired comparisons", tables.comparison_table(suite, rows)),
            "convergence.md": ("Convergence", tables.convergence_table(suite, rows)),
            "teacher.md": ("The self-teacher against the backbone",
-                          tables.teacher_table(suite, rows))}
+                          tables.teacher_table(suite, rows)),
+           "gate.md": ("When the self-teacher's KL was on", tables.gate_table(suite, rows))}
   for name, (title, text) in extra.items():
     if text:
       with open(os.path.join(results_dir, name), "w") as f:

@@ -1,6 +1,6 @@
 """The report's tables as markdown, from the rows `report.summarize` builds: the main table,
 the ablation, the paired comparisons over seeds, the convergence check and the self-teacher
-investigation."""
+investigation (its lead over the backbone, and when a gated run's KL was on)."""
 
 from __future__ import annotations
 
@@ -165,3 +165,31 @@ def teacher_table(suite: protocol.Suite, rows: dict[str, dict]) -> str:
   return ("Self-teacher top-1 minus backbone top-1 on the test set (points; positive: the "
           "teacher leads the head it distils into), mean ± sd over seeds; last column per "
           "seed.\n\n" + "\n".join(lines) + "\n")
+
+
+def gate_table(suite: protocol.Suite, rows: dict[str, dict], windows: int = 4) -> str:
+  """For every row trained with `objective.kl_gate`: the share of steps on which the
+  self-teacher's KL was applied and the teacher's lead on the rows it distils (training
+  batches), per `windows` equal spans of the schedule and over all of it; mean ± sd over
+  seeds of each seed's mean over the logged windows in the span."""
+  names = [n for n in rows if any(s.get("kl_gate") for s in rows[n]["seeds"].values())]
+  if not names:
+    return ""
+  epochs = suite.base().num_epochs
+  spans = [(epochs * i / windows, epochs * (i + 1) / windows) for i in range(windows)]
+  spans.append((0.0, float(epochs)))
+  header = [f"epochs {lo:g}-{hi:g}" for lo, hi in spans[:-1]] + ["all"]
+  lines = ["| run | quantity | " + " | ".join(header) + " |", "|---" * (len(spans) + 2) + "|"]
+  for name in names:
+    for column, label in ((1, "KL on (% of steps)"),
+                          (2, "teacher - backbone accuracy on the KL's rows (points)")):
+      cells = []
+      for lo, hi in spans:
+        per_seed = [float(np.mean(picked)) for s in rows[name]["seeds"].values()
+                    if (picked := [g[column] for g in s.get("kl_gate", []) if lo < g[0] <= hi])]
+        cells.append(fmt(*mean_std(per_seed)) if per_seed else "")
+      lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+  return ("Training batches, as the gate saw them: the self-teacher's and the backbone's "
+          "lam-weighted accuracy on the mixed rows the self-teacher's KL pairs, compared at "
+          "every step (the KL applies where the teacher is strictly ahead). Mean ± sd over "
+          "seeds.\n\n" + "\n".join(lines) + "\n")

@@ -94,3 +94,27 @@ def test_ablation_and_comparison_tables_show_paired_differences():
 
 def rows_final(rows, name):
   return {s: v["final_top1"] for s, v in rows[name]["seeds"].items()}
+
+
+def test_gate_history_reads_the_share_of_steps_and_the_lead():
+  history = [{"step": 15, "train/accuracy/backbone": 0.5},  # a run without the gate's logs
+             {"step": 30, "train/kl_gate_open": 0.2, "train/kl_gate/teacher_accuracy": 0.40,
+              "train/kl_gate/backbone_accuracy": 0.45}]
+  (epoch, share, lead), = analysis.gate_history(history, steps_per_epoch=15)
+  assert epoch == 2 and share == pytest.approx(20.0) and lead == pytest.approx(-5.0)
+  assert analysis.gate_history(history[:1], steps_per_epoch=15) == []
+
+
+def test_gate_table_averages_each_span_per_seed_then_over_seeds():
+  suite = protocol.get_suite("fashion_mnist_converged")  # 40 epochs: spans of 10
+  rows = _rows({"full_kl_when_teacher_leads": {0: 84.0, 1: 84.5}, "mixskd_full": {0: 84.0}})
+  # Seed 0: KL on 0% then 100% of the steps; seed 1: 50% throughout. Lead: +1 / +3 points.
+  rows["full_kl_when_teacher_leads"]["seeds"][0]["kl_gate"] = [(5, 0.0, 1.0), (15, 100.0, 1.0)]
+  rows["full_kl_when_teacher_leads"]["seeds"][1]["kl_gate"] = [(5, 50.0, 3.0), (15, 50.0, 3.0)]
+  table = tables.gate_table(suite, rows)
+  share = next(l for l in table.splitlines() if "KL on" in l)
+  # epochs 0-10: mean(0, 50) = 25, sd 35.36; 10-20: mean(100, 50) = 75; all: 50 ± 0.
+  assert "| 25.00 ± 35.36 | 75.00 ± 35.36 |  |  | 50.00 ± 0.00 |" in share
+  lead = next(l for l in table.splitlines() if "teacher - backbone" in l)
+  assert lead.endswith("| 2.00 ± 1.41 |") and "mixskd_full" not in table
+  assert tables.gate_table(suite, _rows({"mixskd_full": {0: 84.0}})) == ""
