@@ -237,8 +237,9 @@ def test_committed_results_readme_quotes_the_committed_tables(suite, heading):
 
 
 def test_committed_results_readme_quotes_the_paired_comparisons_and_ablation():
-  """The converged suite's paired comparisons, convergence table, ablation and gate table
-  appear verbatim; the short-schedule ablation's numbers are the ones in fashion_mnist/ablation.md."""
+  """The converged suite's paired comparisons, convergence table, ablation, the ablation rows'
+  teacher leads and the gate table appear verbatim; the short-schedule ablation's numbers are
+  the ones in fashion_mnist/ablation.md."""
   with open(os.path.join(RESULTS, "README.md")) as f:
     text = f.read()
   for name in ("comparisons.md", "convergence.md"):  # the main-table rows (not ablations')
@@ -246,9 +247,9 @@ def test_committed_results_readme_quotes_the_paired_comparisons_and_ablation():
       lines = [l for l in f.read().splitlines()
                if l.startswith("| ") and l.split("|")[1].strip() in README_NAMES]
     assert len(lines) >= 10 and all(l in text for l in lines), name
-  for name in ("ablation.md", "gate.md"):  # the converged ablation and the gated KL, verbatim
+  for name, prefix in (("ablation.md", "| "), ("gate.md", "| "), ("teacher.md", "| full_")):
     with open(os.path.join(RESULTS, "fashion_mnist_converged", name)) as f:
-      lines = [l for l in f.read().splitlines() if l.startswith("| ")]
+      lines = [l for l in f.read().splitlines() if l.startswith(prefix)]
     assert len(lines) >= 3 and all(l in text for l in lines), name
   readme_ablation = _rows(_section(text, "### Short-schedule ablation of MixSKD `full`"))
   with open(os.path.join(RESULTS, "fashion_mnist", "ablation.md")) as f:
