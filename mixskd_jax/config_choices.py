@@ -41,6 +41,11 @@ def kl_gates() -> tuple:
   return KL_GATES
 
 
+def discriminator_inputs() -> tuple:
+  from mixskd_jax.objective import DISCRIMINATOR_INPUTS
+  return DISCRIMINATOR_INPUTS
+
+
 def schedules() -> tuple:
   from mixskd_jax.train.schedule import SCHEDULES
   return SCHEDULES

@@ -138,6 +138,7 @@ RULES: dict[str, Rule] = {
     "objective.lam_per_group": flag(),
     "objective.kl_warmup_epochs": number(0, "epochs of the KL terms' linear warm-up; 0: none"),
     "objective.kl_gate": choice(config_choices.kl_gates),
+    "objective.discriminator_input": choice(config_choices.discriminator_inputs),
     "baselines.label_smoothing": number(0, "the label gets 1 - eps", below=1),
     "baselines.mixup_alpha": number(0, "Beta(alpha, alpha); 0: no mixing"),
     "baselines.cutmix_alpha": number(0, "Beta(alpha, alpha); 0: no mixing"),

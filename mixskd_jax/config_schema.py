@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   # none | teacher_leads (kl_self_teacher only on steps where the self-teacher's batch
   # accuracy beats the backbone's) | monitor (log that gate and the accuracies, never apply it)
   c.objective.kl_gate = "none"
+  # pooled (the reference) | unit_pooled (the discriminators read unit-norm pooled features, so
+  # their frozen random BCE cannot reward larger features; issue #21, transfer)
+  c.objective.discriminator_input = "pooled"
 
   # The baselines' hyperparameters (spec §7: Self-KD-Lib's values).
   c.baselines = ml_collections.ConfigDict()

@@ -83,6 +83,18 @@ def feature_mse(features_a: jax.Array, features_b: jax.Array) -> jax.Array:
   return jnp.mean(err.reshape(err.shape[0], -1), axis=-1)
 
 
+def unit_rows(x: jax.Array) -> jax.Array:
+  """(N, c) -> (N, c): each row divided by its L2 norm (an all-zero row stays zero).
+
+  Float32 whatever the input dtype; the gradient at a zero row is zero, not NaN.
+  """
+  x = upcast(x)
+  squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  positive = squared > 0
+  # The double `where` keeps rsqrt's infinite derivative at 0 out of the backward pass.
+  return jnp.where(positive, x * jax.lax.rsqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
 def discriminator_bce(interpolated_logits: jax.Array, mixup_logits: jax.Array) -> jax.Array:
   """Binary cross-entropy of a two-output discriminator with the reference's one-hot targets.
 

@@ -41,6 +41,11 @@ KL_TERMS = ("kl_self_teacher", "kl_branches")
 # where the self-teacher's batch accuracy exceeds the backbone head's, else 0; "monitor"
 # computes and logs the same gate and accuracies without applying it.
 KL_GATES = ("none", "teacher_leads", "monitor")
+# ObjectiveConfig.discriminator_input: what the discriminators read. "pooled" is the
+# reference (the pooled feature maps); "unit_pooled" scales each pooled row to unit L2 norm
+# first, so a frozen random discriminator's BCE cannot be lowered by growing the features
+# (issue #21: with "pooled" it rewards ever larger features, which hurts transfer).
+DISCRIMINATOR_INPUTS = ("pooled", "unit_pooled")
 TRAINABLE, FROZEN = trainable.TRAINABLE, trainable.FROZEN
 
 
@@ -59,12 +64,14 @@ class ObjectiveConfig:
       "teacher_leads", `kl_self_teacher` enters the loss only on steps where the self-teacher
       is more accurate than the backbone head on the rows that term pairs (`kl_schedule.kl_gate_accuracies`);
       "monitor" only logs that gate. Both log `kl_gate_open` (1/0) and the two accuracies.
+    discriminator_input: one of DISCRIMINATOR_INPUTS ("pooled" is the reference).
   """
   variant: str = "full"
   temperature: float = 3.0
   weights: tuple[tuple[str, float], ...] = tuple((t, 1.0) for t in TERMS)
   gradient_reversal_scale: float = 1.0
   kl_gate: str = "none"
+  discriminator_input: str = "pooled"
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -76,12 +83,16 @@ class ObjectiveConfig:
       raise ValueError(f"objective weights must name each of {TERMS} once; got {names}.")
     if self.kl_gate not in KL_GATES:
       raise ValueError(f"objective kl_gate={self.kl_gate!r} is unknown; use one of {KL_GATES}.")
+    if self.discriminator_input not in DISCRIMINATOR_INPUTS:
+      raise ValueError(f"objective discriminator_input={self.discriminator_input!r} is "
+                       f"unknown; use one of {DISCRIMINATOR_INPUTS}.")
 
   @classmethod
   def for_variant(cls, variant: str = "full", *, temperature: float = 3.0,
                   weights: Mapping[str, float] | None = None,
                   gradient_reversal_scale: float = 1.0,
-                  kl_gate: str = "none") -> "ObjectiveConfig":
+                  kl_gate: str = "none",
+                  discriminator_input: str = "pooled") -> "ObjectiveConfig":
     """The variant's reference weights, with any of them overridden by `weights`."""
     defaults = {t: 1.0 for t in TERMS}
     if variant == "reference_cifar":
@@ -92,7 +103,8 @@ class ObjectiveConfig:
     defaults.update(weights or {})
     return cls(variant=variant, temperature=float(temperature),
                weights=tuple((t, float(defaults[t])) for t in TERMS),
-               gradient_reversal_scale=float(gradient_reversal_scale), kl_gate=kl_gate)
+               gradient_reversal_scale=float(gradient_reversal_scale), kl_gate=kl_gate,
+               discriminator_input=discriminator_input)
 
   def weight(self, term: str) -> float:
     return dict(self.weights)[term]
@@ -180,6 +192,8 @@ def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
   pool = lambda f: pooling_lib.pool(f, pooling)
   pooled = [mixing.stack_views(pool(i), pool(m), groups)
             for i, m in zip(interp_feats, mixup_feats)]
+  if config.discriminator_input == "unit_pooled":
+    pooled = [losses.unit_rows(p) for p in pooled]
   if config.trains_discriminators:
     pooled = [gradient_reversal(p, config.gradient_reversal_scale) for p in pooled]
   disc_logits = discriminators(pooled)

@@ -86,7 +86,8 @@ def objective_config(config: ml_collections.ConfigDict) -> ObjectiveConfig:
   return ObjectiveConfig.for_variant(
       config.objective.variant, temperature=config.objective.temperature, weights=weights,
       gradient_reversal_scale=config.objective.gradient_reversal_scale,
-      kl_gate=config.objective.get("kl_gate", "none"))
+      kl_gate=config.objective.get("kl_gate", "none"),
+      discriminator_input=config.objective.get("discriminator_input", "pooled"))
 
 
 def mixskd_method(config: ml_collections.ConfigDict, *, num_groups: int,
