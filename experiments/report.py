@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments import analysis, protocol, tables, transfer
+from experiments import analysis, protocol, tables, transfer, transfer_fair_report
 from mixskd_jax.train.steps import expected_calibration_error
 
 MIXSKD_HEADS_RUN = "mixskd_full"
@@ -324,7 +324,9 @@ def write_report(suite: protocol.Suite, runs: Sequence[protocol.Run], workdir: s
     with open(timing_path) as f:
       step_timing = json.load(f)
   rows = summarize(suite, runs, loaded, step_timing)
-  if suite.kind == "transfer":
+  if suite.kind == "transfer_fair":
+    rows["transfer"], plots = transfer_fair_report.write(suite, runs, workdir, results_dir)
+  elif suite.kind == "transfer":
     plots = transfer.write(suite, rows, results_dir)
   else:
     plots = _comparison_report(suite, runs, loaded, rows, results_dir)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 from typing import Sequence
@@ -44,8 +43,8 @@ if __name__ == "__main__":  # before anything imports TensorFlow (clu, tfds): a 
   _progress.quiet_tensorflow_startup()
 
 # pylint: disable=wrong-import-position
-from experiments import protocol, report, timing
-from mixskd_jax import config_schema
+from experiments import protocol, report, timing, transfer_fair
+from experiments.overrides import apply_override
 from mixskd_jax.train import preflight, progress
 from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE
 # pylint: enable=wrong-import-position
@@ -65,12 +64,18 @@ _TIME_STEPS = flags.DEFINE_integer(
     "(the table's cost column); 0 skips it")
 _TIME_WARMUP = flags.DEFINE_integer("time_warmup", 3, "untimed steps before those")
 _RETIME = flags.DEFINE_bool("retime", False, "measure the step times again")
+_EVALUATE_ONLY = flags.DEFINE_bool(
+    "evaluate_only", False, "transfer_fair suites: train nothing; run the transfer protocol on "
+    "the pre-training runs that have finished (another command may still be training the rest)")
+_TRANSFER_SET = flags.DEFINE_multi_string(
+    "transfer_set", [], "transfer_fair suites: override of the transfer protocol's config "
+    "(mixskd_jax/transfer/config.py) for every backbone: dotted.field=value")
 
 TIMING_FILE = "experiment_timing.json"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Suites whose reports are committed under experiments/results/<suite>.
 COMMITTED_SUITES = ("fashion_mnist", "fashion_mnist_long", "fashion_mnist_converged",
-                    "fashion_mnist_transfer")
+                    "fashion_mnist_transfer", "fashion_mnist_transfer_fair")
 USAGE_ERROR_EXIT_CODE = 2
 
 
@@ -83,35 +88,6 @@ def default_dirs(suite_name: str, workdir: str | None = None,
     results_dir = (os.path.join(REPO, "experiments", "results", suite_name)
                    if suite_name in COMMITTED_SUITES else os.path.join(workdir, "report"))
   return workdir, results_dir
-
-
-def apply_override(config, assignment: str) -> None:
-  """`a.b=value` -> config.a.b = value, parsed as the field's current type."""
-  if "=" not in assignment:
-    raise ValueError(f"--set={assignment!r} must look like dotted.field=value.")
-  dotted, text = assignment.split("=", 1)
-  unknown = config_schema.unknown_field_error(config, dotted)
-  if unknown:  # "Unknown config field 'a.b'; did you mean 'a.c'? (valid fields of ...)"
-    missing = re.search(r"field '([^']+)'", unknown).group(1)
-    suggestion = re.search(r"did you mean '([^']+)'", unknown)
-    raise ValueError(f"--set={assignment!r}: the config has no field {missing!r}"
-                     + (f"; did you mean {suggestion.group(1)!r}?" if suggestion else "."))
-  *parents, leaf = dotted.split(".")
-  node = config
-  for name in parents:
-    node = node[name]
-  if leaf not in node:
-    raise ValueError(f"--set={assignment!r}: the config has no field {dotted!r}.")
-  current = node[leaf]
-  if isinstance(current, bool):
-    value = text.lower() in ("1", "true", "yes")
-  elif isinstance(current, (int, float)) and not isinstance(current, bool):
-    value = type(current)(text)
-  elif current is None or isinstance(current, str):
-    value = None if text.lower() == "none" else text
-  else:
-    value = json.loads(text)
-  node[leaf] = value
 
 
 def is_finished(run_dir: str) -> bool:
@@ -210,7 +186,13 @@ def main(argv: Sequence[str]) -> int:
   if not _REPORT_ONLY.value:
     enable_compilation_cache(os.path.join(workdir, ".jax_cache"))
     try:
-      completed = train_all(runs, workdir)
+      completed = _EVALUATE_ONLY.value or train_all(runs, workdir)
+      if completed and suite.kind == "transfer_fair":
+        waiting = transfer_fair.evaluate_all(runs, workdir, is_finished=is_finished,
+                                             overrides=_TRANSFER_SET.value)
+        if waiting:
+          logging.warning("%d pre-training run(s) have not finished; their transfer rows are "
+                          "left out.", waiting)
     except preflight.PreflightError as e:
       preflight.remove_if_empty(created)
       print(e, file=sys.stderr, flush=True)
