@@ -324,8 +324,10 @@ def write_report(suite: protocol.Suite, runs: Sequence[protocol.Run], workdir: s
     with open(timing_path) as f:
       step_timing = json.load(f)
   rows = summarize(suite, runs, loaded, step_timing)
+  extra_run_md = ""
   if suite.kind == "transfer_fair":
-    rows["transfer"], plots = transfer_fair_report.write(suite, runs, workdir, results_dir)
+    rows["transfer"], plots, extra_run_md = transfer_fair_report.write(suite, runs, workdir,
+                                                                       results_dir)
   elif suite.kind == "transfer":
     plots = transfer.write(suite, rows, results_dir)
   else:
@@ -350,7 +352,7 @@ def write_report(suite: protocol.Suite, runs: Sequence[protocol.Run], workdir: s
         f"- Runs finished: {len(loaded)} of {len(runs)}.\n"
         f"- Wall time, summed over the runs (start-up, compilation, training, evaluation, "
         f"all invocations): {total / 60:.1f} min. This invocation: "
-        f"{invocation_wall_time_s / 60:.1f} min.\n"
+        f"{invocation_wall_time_s / 60:.1f} min.\n{extra_run_md}"
         f"- Machine: {env['cpu']}, {env['cpu_count']} CPUs, {env['memory']} memory, "
         f"{env['platform']}; JAX devices: {', '.join(env['jax_devices'])}.\n"
         f"- Python {env['python']}; git commit when this report was written: "

@@ -147,6 +147,23 @@ def diagnosis_table(sources: Sequence[str], loaded: dict) -> str:
           + "\n".join(lines) + "\n")
 
 
+def cost_text(loaded: dict) -> str:
+  """What the protocol cost per backbone: median and range of each task's wall time."""
+  parts, total = [], 0.0
+  for task, title in TASKS:
+    times = [r["transfer"]["tasks"][task].get("wall_time_s") for seeds in loaded.values()
+             for r in seeds.values() if task in r["transfer"]["tasks"]]
+    times = [t for t in times if t is not None]
+    if times:
+      total += float(np.sum(times))
+      parts.append(f"{title.split(' top-1')[0].split(' mIoU')[0]} {np.median(times):.0f} s "
+                   f"(range {min(times):.0f}-{max(times):.0f})")
+  count = sum(len(seeds) for seeds in loaded.values())
+  return (f"- Transfer protocol: {count} backbone(s) evaluated, {total / 60:.1f} min in all; per "
+          f"backbone (median wall time, on the same 2 cores as whatever else ran): "
+          f"{', '.join(parts)}.\n")
+
+
 def plot(sources: Sequence[str], loaded: dict, out: str) -> str | None:
   names = [s for s in sources if s in loaded and s != BASELINE]
   if not names or BASELINE not in loaded:
@@ -177,8 +194,9 @@ def plot(sources: Sequence[str], loaded: dict, out: str) -> str | None:
 
 
 def write(suite: protocol.Suite, runs: Sequence[protocol.Run], workdir: str,
-          results_dir: str) -> tuple[dict, list[str]]:
-  """Writes the tables and the plot; returns (rows for summary.json, plots written)."""
+          results_dir: str) -> tuple[dict, list[str], str]:
+  """Writes the tables and the plot; returns (rows for summary.json, plots written, a line on
+  the protocol's cost for RUN.md)."""
   loaded = load(runs, workdir)
   sources = [m.name for m in suite.methods]
   for name, title, text in (
@@ -189,4 +207,4 @@ def write(suite: protocol.Suite, runs: Sequence[protocol.Run], workdir: str,
       f.write(f"# {title}: {suite.description}\n\n{text}")
   written = plot(sources, loaded, results_dir)
   rows = {source: {str(seed): r for seed, r in seeds.items()} for source, seeds in loaded.items()}
-  return rows, [written] if written else []
+  return rows, [written] if written else [], cost_text(loaded)

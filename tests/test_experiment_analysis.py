@@ -118,3 +118,52 @@ def test_gate_table_averages_each_span_per_seed_then_over_seeds():
   lead = next(l for l in table.splitlines() if "teacher - backbone" in l)
   assert lead.endswith("| 2.00 ± 1.41 |") and "mixskd_full" not in table
   assert tables.gate_table(suite, _rows({"mixskd_full": {0: 84.0}})) == ""
+
+
+def test_fair_transfer_report_by_hand(tmp_path):
+  """The fair transfer tables from hand-written protocol results: mean ± sd over seeds, the
+  paired difference to cross-entropy (mean and seeds won), the chosen settings and how many
+  sat at an end of the grid, and the diagnosis columns' means."""
+  import dataclasses
+  import json
+  import os
+  from experiments import protocol, transfer_fair, transfer_fair_report
+  suite = dataclasses.replace(protocol.get_suite("fashion_mnist_transfer_fair"),
+                              methods=protocol.FAIR_TRANSFER_SOURCES[:1]
+                              + tuple(m for m in protocol.FAIR_TRANSFER_SOURCES
+                                      if m.name == "mixskd_full"))
+  runs = protocol.suite_runs(suite)
+  probe = {("cross_entropy", 0): 80.0, ("cross_entropy", 1): 82.0, ("cross_entropy", 2): 81.0,
+           ("mixskd_full", 0): 78.0, ("mixskd_full", 1): 81.0, ("mixskd_full", 2): 78.5}
+  for run in runs:
+    key = (run.spec.name, run.seed)
+    os.makedirs(transfer_fair.eval_dir(str(tmp_path), run))
+    with open(tmp_path / run.name / "results.json", "w") as f:
+      json.dump({"final": {"eval/top1/backbone": 86.0 + run.seed}}, f)
+    grid = [{"bn": "source", "lr": lr, "val_metric": 0.0, "val_loss": 0.0} for lr in (0.1, 1.0)]
+    scale = 2.0 if run.spec.name == "mixskd_full" else 1.0
+    result = {"source": run.name, "tasks": {"linear_probe": {
+        "metric": "top1", "grid": grid, "chosen": {"bn": "source", "lr": 1.0 if run.seed else 0.5},
+        "test_metric": probe[key], "test_loss": 0.0, "train_metric": 100.0}},
+        "diagnostics": {"weight_norm": {p: scale * (run.seed + 1) for p in
+                                        ("stem", "layer1", "layer2", "layer3", "fc")},
+                        "batchnorm": {p: {"max_var": 10.0 * scale, "mean_var": 1.0,
+                                          "max_abs_mean": 0.0} for p in ("stem", "layer1")},
+                        "feature_rms": {p: 1.0 for p in ("layer1", "layer2", "layer3",
+                                                         "pooled")}}}
+    with open(os.path.join(transfer_fair.eval_dir(str(tmp_path), run), "results.json"), "w") as f:
+      json.dump(result, f)
+  out = tmp_path / "report"
+  out.mkdir()
+  transfer_fair_report.write(suite, runs, str(tmp_path), str(out))
+  table = (out / "transfer.md").read_text()
+  # full - CE per seed: -2, -1, -2.5 -> mean -1.83, sd 0.76; CE wins all three.
+  assert ("| mixskd_full | 87.00 ± 1.00 (3) | 79.17 ± 1.61 (3) | -1.83 (p " in table), table
+  assert "0/3 seeds) | not run |  | not run |  |" in table
+  assert "| cross_entropy | 87.00 ± 1.00 (3) | 81.00 ± 1.00 (3) |  | not run |" in table
+  choices = (out / "choices.md").read_text()
+  assert "| mixskd_full | source 0.5, source 1, source 1 | not run | not run |" in choices
+  assert "linear_probe: 4 of 6" in choices  # lr 1.0 is the grid's top; 0.5 is not on it
+  diagnosis = (out / "diagnosis.md").read_text()
+  # weight norms 2 * (seed + 1) averaged over seeds 0-2 = 4; probe vs CE -1.83
+  assert "| mixskd_full | 4 | 4 | 4 | 4 | 20 | 20 | 1 | 1 | 1 | 1 | -1.83 |  |  |" in diagnosis

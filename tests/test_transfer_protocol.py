@@ -5,6 +5,7 @@ Fashion-MNIST from a workdir (resumable per task), its command's one-line errors
 discriminator input option that this protocol's results motivated."""
 
 import json
+import shlex
 import os
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from mixskd_jax.train.schedule import reference_schedule
 from mixskd_jax.transfer import backbone, config as transfer_config, protocol, run as transfer_run
 from mixskd_jax.transfer import scenes, segmentation, sweep
 from mixskd_jax.transfer import data as transfer_data
+from tests.test_cli import assert_one_line_error, user_env
+from tests.test_readme import readme_block
 from tests.test_transfer import source_workdir  # noqa: F401  (a pytest fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,29 +264,42 @@ def test_config_errors_name_the_field(field, value, message):
     transfer_run.run_transfer(config, "/nowhere/out", log=lambda _: None)
 
 
-def _command(*args):
-  return subprocess.run([sys.executable, "-m", "mixskd_jax.transfer", *args], cwd=REPO,
+def _command(module, *args):
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=user_env(),
                         capture_output=True, text=True, timeout=300)
+  return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_command_bad_init_from_is_one_line_and_status_2(tmp_path, source_workdir):  # noqa: F811
-  missing = _command(f"--init_from={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'out'}")
-  assert missing.returncode == 2, missing.stderr
-  assert missing.stderr.strip().splitlines()[-1].endswith(
-      "does not exist; pass a training workdir, one of its checkpoints/<step> directories, "
-      "or a directory written by `python -m mixskd_jax.interop`.")
-  assert len([l for l in missing.stderr.strip().splitlines() if "nowhere" in l]) == 1
+def test_bad_init_from_is_one_line_and_status_2_in_both_commands(tmp_path,
+                                                                 source_workdir):  # noqa: F811
+  """A missing source, in the transfer command and in the trainer; a backbone that does not
+  fit: 3-channel CIFAR ResNet-18 weights for 1-channel Fashion-MNIST (transfer command), a
+  small_resnet checkpoint for a cifar_resnet18 run (trainer)."""
+  missing_message = ("does not exist; pass a training workdir, one of its checkpoints/<step> "
+                     "directories, or a directory written by `python -m mixskd_jax.interop`.")
+  nowhere = str(tmp_path / "nowhere")
+  line = assert_one_line_error(*_command("mixskd_jax.transfer", f"--init_from={nowhere}",
+                                         f"--workdir={tmp_path / 'out'}"), f"{nowhere!r}")
+  assert line.endswith(missing_message)
+  line = assert_one_line_error(*_command(
+      "mixskd_jax.main", "--config=configs/default.py", f"--workdir={tmp_path / 'run'}",
+      "--config.model.mixskd=False", f"--config.init_from.path={nowhere}"), f"{nowhere!r}")
+  assert line.endswith(missing_message)
+  wrong_model = assert_one_line_error(*_command(
+      "mixskd_jax.main", "--config=configs/default.py", f"--workdir={tmp_path / 'run2'}",
+      "--config.model.mixskd=False", "--config.model.name=cifar_resnet18",
+      f"--config.init_from.path={source_workdir}"), "config.init_from.path=")
+  assert wrong_model.endswith("set config.model.name='small_resnet'.")
   # A backbone trained on 3-channel images (CIFAR ResNet-18) cannot read Fashion-MNIST's one.
   rgb = str(tmp_path / "rgb")
   shapes = jax.eval_shape(build_model("cifar_resnet18", 10, mixskd=False).init,
                           jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   save_converted(rgb, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes),
                  model_name="cifar_resnet18", num_classes=10, mixskd=False, source="r18.pth")
-  wrong = _command(f"--init_from={rgb}", f"--workdir={tmp_path / 'out2'}")
-  assert wrong.returncode == 2, wrong.stderr[-2000:]
-  last = wrong.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"config.init_from.path={rgb!r}: params/stem/conv1/kernel is "
-                         "(3, 3, 3, 64) in the checkpoint and (3, 3, 1, 64) in the model"), last
+  assert_one_line_error(*_command("mixskd_jax.transfer", f"--init_from={rgb}",
+                                  f"--workdir={tmp_path / 'out2'}"),
+                        f"config.init_from.path={rgb!r}: params/stem/conv1/kernel is "
+                        "(3, 3, 3, 64) in the checkpoint and (3, 3, 1, 64) in the model")
 
 
 def test_unit_pooled_discriminator_input_ignores_feature_scale():
@@ -307,3 +323,33 @@ def test_unit_pooled_discriminator_input_ignores_feature_scale():
   assert ObjectiveConfig.for_variant("full").discriminator_input == "pooled"
   with pytest.raises(ValueError, match="discriminator_input='scaled' is unknown"):
     ObjectiveConfig.for_variant("full", discriminator_input="scaled")
+
+
+def test_readme_transfer_command_runs_end_to_end(tmp_path, source_workdir):  # noqa: F811
+  """The README's command, on the test's source and shrunk by --config flags (the same sizes
+  as `tiny_transfer_config`): exit 0, every task's file, and a summary line on stdout."""
+  words = shlex.split(readme_block("transfer").strip())
+  assert words[:3] == ["python", "-m", "mixskd_jax.transfer"]
+  flags = {w.split("=", 1)[0]: w for w in words[3:]}
+  assert set(flags) == {"--init_from", "--workdir"}
+  out = tmp_path / "transfer"
+  tiny = tiny_transfer_config(source_workdir)
+  shrink = [f"--config.{k}={v}" for k, v in (
+      ("data.classes", "(5,7,9)"), ("data.train_examples_per_class", 6),
+      ("data.validation_examples_per_class", 4), ("data.test_examples", 40),
+      ("segmentation.canvas_size", 32), ("segmentation.train_canvases", 8),
+      ("segmentation.validation_canvases", 4), ("segmentation.test_canvases", 6))]
+  for task in ("linear_probe", "fine_tune", "segmentation"):
+    shrink += [f"--config.{task}.recipe.epochs=2", f"--config.{task}.recipe.batch_size=4",
+               f"--config.{task}.recipe.warmup_epochs=1",
+               f"--config.{task}.learning_rates=(0.01,0.1)"]
+  code, stdout, stderr = _command("mixskd_jax.transfer", f"--init_from={source_workdir}",
+                                  f"--workdir={out}", *shrink)
+  assert code == 0, stderr[-3000:]
+  for name in ("linear_probe", "fine_tune", "segmentation", "diagnostics", "results"):
+    assert (out / f"{name}.json").exists(), name
+  with open(out / "results.json") as f:
+    results = json.load(f)
+  assert stdout.splitlines()[0] == transfer_run.summary_line(results)
+  assert [(g["bn"], g["lr"]) for g in results["tasks"]["fine_tune"]["grid"]] == [
+      (b, lr) for b in tiny.fine_tune.bn_modes for lr in (0.01, 0.1)]

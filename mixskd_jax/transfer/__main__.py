@@ -18,10 +18,18 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
+if __name__ == "__main__":  # before anything imports TensorFlow (tfds): a quiet start-up
+  from mixskd_jax.train import progress as _progress
+  _progress.quiet_tensorflow_startup()
+
+# pylint: disable=wrong-import-position
 from mixskd_jax.data.sources import DatasetUnavailableError
+from mixskd_jax.train import progress
 from mixskd_jax.train.pretrained import PretrainedError
+# pylint: enable=wrong-import-position
 
 USAGE_ERROR_EXIT_CODE = 2
 _CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
@@ -37,12 +45,13 @@ config_flags.DEFINE_config_file("config", _CONFIG, "the transfer protocol's conf
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  progress.configure_console()
   from mixskd_jax.transfer import run  # pylint: disable=import-outside-toplevel
   config = FLAGS.config
   if FLAGS.init_from:
     config.init_from.path = FLAGS.init_from
   try:
-    results = run.run_transfer(config, FLAGS.workdir)
+    results = run.run_transfer(config, FLAGS.workdir, log=absl_logging.info)
   except (run.TransferConfigError, PretrainedError, DatasetUnavailableError) as e:
     print(str(e).splitlines()[0], file=sys.stderr, flush=True)
     return USAGE_ERROR_EXIT_CODE

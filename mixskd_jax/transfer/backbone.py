@@ -109,6 +109,16 @@ def _inference_features(model: nn.Module, pooled: bool):
   return apply
 
 
+def apply_training(model: nn.Module, variables: dict, x: jax.Array, batch_norm_trains: bool
+                   ) -> tuple[Any, dict]:
+  """(outputs, batch_stats) of a training step's forward pass: BatchNorm in train mode (its
+  statistics updated) when `batch_norm_trains`, else in inference mode (unchanged)."""
+  if batch_norm_trains:
+    outputs, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return outputs, state["batch_stats"]
+  return model.apply(variables, x, train=False), variables["batch_stats"]
+
+
 def backbone_of(trained: pretrained.Trained) -> dict:
   """The source's plain backbone {'params', 'batch_stats'}, its pre-training head included."""
   return pretrained.backbone_variables(trained)

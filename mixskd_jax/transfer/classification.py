@@ -24,6 +24,7 @@ import optax
 from flax import linen as nn
 
 from mixskd_jax.data import normalize
+from mixskd_jax.transfer import backbone, sweep
 
 BN_MODES = ("source", "reestimated", "batch")
 FROZEN_BN_MODES = ("source", "reestimated")
@@ -48,13 +49,9 @@ def fine_tune_loss(model: nn.Module, mean: tuple[float, ...], std: tuple[float, 
   """loss(params, batch_stats, uint8 images (B, H, W, C), labels (B,)) of the whole plain
   classifier; BatchNorm in train mode when `batch_norm_trains` (bn_mode "batch")."""
   def loss(params, batch_stats, images, labels):
-    variables = {"params": params, "batch_stats": batch_stats}
-    x = normalize(images, mean, std)
-    if batch_norm_trains:
-      outputs, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
-      batch_stats = state["batch_stats"]
-    else:
-      outputs = model.apply(variables, x, train=False)
+    outputs, batch_stats = backbone.apply_training(
+        model, {"params": params, "batch_stats": batch_stats}, normalize(images, mean, std),
+        batch_norm_trains)
     return _cross_entropy(outputs.logits[-1], labels), batch_stats
   return loss
 
@@ -69,29 +66,22 @@ def classifier_logits(model: nn.Module, mean: Sequence[float], std: Sequence[flo
                       params: dict, batch_stats: dict, images: np.ndarray, *, chunk: int
                       ) -> np.ndarray:
   """(K, N, k) inference-mode logits of K stacked copies of `model` on uint8 images."""
-  apply = _stacked_inference(model, tuple(mean), tuple(std))
-  parts = [np.asarray(apply(params, batch_stats, images[s:s + chunk]))
-           for s in range(0, images.shape[0], chunk)]
-  return np.concatenate(parts, axis=1)
+  return sweep.stacked_outputs(_inference(model, tuple(mean), tuple(std)),
+                               (params, batch_stats), images, chunk=chunk)
 
 
 @functools.lru_cache(maxsize=8)
-def _stacked_inference(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+def _inference(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
   def one(params, batch_stats, images):
     outputs = model.apply({"params": params, "batch_stats": batch_stats},
                           normalize(images, mean, std), train=False)
     return outputs.logits[-1]
-  return per_copy(jax.jit(one))
+  return jax.jit(one)
 
 
-def per_copy(apply):
-  """apply(one copy's arrays..., inputs) -> the same on K stacked copies, stacked (a Python
-  loop: see `sweep` for why not `lax.map`)."""
-  def stacked(*args):
-    *copies, inputs = args
-    k = jax.tree.leaves(copies)[0].shape[0]
-    return jnp.stack([apply(*jax.tree.map(lambda x: x[i], copies), inputs) for i in range(k)])
-  return stacked
+def scores(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(K, N, k) logits, (N,) labels -> ((K,) top-1 in %, (K,) mean cross-entropy)."""
+  return top1(logits, labels), mean_cross_entropy(logits, labels)
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import optax
 from flax import linen as nn
 
 from mixskd_jax.data import normalize
-from mixskd_jax.transfer import classification
+from mixskd_jax.transfer import backbone, sweep
 
 
 class FPNDecoder(nn.Module):
@@ -74,13 +74,9 @@ def segmentation_loss(model: SegmentationNetwork, mean: tuple[float, ...],
                       std: tuple[float, ...], batch_norm_trains: bool):
   """loss(params, batch_stats, uint8 canvases (B, H, W, C), masks (B, H, W))."""
   def loss(params, batch_stats, images, masks):
-    variables = {"params": params, "batch_stats": batch_stats}
-    x = normalize(images, mean, std)
-    if batch_norm_trains:
-      logits, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
-      batch_stats = state["batch_stats"]
-    else:
-      logits = model.apply(variables, x, train=False)
+    logits, batch_stats = backbone.apply_training(
+        model, {"params": params, "batch_stats": batch_stats}, normalize(images, mean, std),
+        batch_norm_trains)
     return pixel_cross_entropy(logits, masks), batch_stats
   return loss
 
@@ -97,39 +93,33 @@ def decoder_loss(decoder: FPNDecoder, out_hw: tuple[int, int]):
 def decoder_masks(decoder: FPNDecoder, out_hw: tuple[int, int], params: dict,
                   features: Sequence[jax.Array], *, chunk: int) -> np.ndarray:
   """(K, N, H, W) per-pixel argmax of K stacked decoders on a frozen backbone's features."""
-  apply = _stacked_decoder_argmax(decoder, tuple(out_hw))
-  n = features[0].shape[0]
-  parts = [np.asarray(apply(params, [f[s:s + chunk] for f in features]))
-           for s in range(0, n, chunk)]
-  return np.concatenate(parts, axis=1)
+  return sweep.stacked_outputs(_decoder_argmax(decoder, tuple(out_hw)), (params,),
+                               list(features), chunk=chunk)
 
 
 @functools.lru_cache(maxsize=8)
-def _stacked_decoder_argmax(decoder: FPNDecoder, out_hw: tuple[int, int]):
+def _decoder_argmax(decoder: FPNDecoder, out_hw: tuple[int, int]):
   def one(params, features):
     return jnp.argmax(decoder.apply({"params": params}, features, out_hw),
                       axis=-1).astype(jnp.int32)
-  return classification.per_copy(jax.jit(one))
+  return jax.jit(one)
 
 
 def predicted_masks(model: SegmentationNetwork, mean: Sequence[float], std: Sequence[float],
                     params: dict, batch_stats: dict, images: np.ndarray, *, chunk: int
                     ) -> np.ndarray:
   """(K, N, H, W) per-pixel argmax of K stacked copies of `model` (inference mode)."""
-  apply = _stacked_argmax(model, tuple(mean), tuple(std))
-  parts = [np.asarray(apply(params, batch_stats, images[s:s + chunk]))
-           for s in range(0, images.shape[0], chunk)]
-  return np.concatenate(parts, axis=1)
+  return sweep.stacked_outputs(_argmax(model, tuple(mean), tuple(std)), (params, batch_stats),
+                               images, chunk=chunk)
 
 
 @functools.lru_cache(maxsize=8)
-def _stacked_argmax(model: SegmentationNetwork, mean: tuple[float, ...],
-                    std: tuple[float, ...]):
+def _argmax(model: SegmentationNetwork, mean: tuple[float, ...], std: tuple[float, ...]):
   def one(params, batch_stats, images):
     logits = model.apply({"params": params, "batch_stats": batch_stats},
                          normalize(images, mean, std), train=False)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return classification.per_copy(jax.jit(one))
+  return jax.jit(one)
 
 
 def confusion_matrix(predicted: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:

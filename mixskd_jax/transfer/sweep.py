@@ -111,6 +111,21 @@ def train_sweep(loss_fn: LossFn, params: Any, state: Any, inputs: Any, targets: 
   return stacked[0], stacked[1], np.stack(losses)
 
 
+def stacked_outputs(apply_one: Callable, copies: tuple, inputs: Any, *, chunk: int) -> np.ndarray:
+  """(K, N, ...) outputs of `apply_one(*copy_k, rows)` for every stacked copy k, over chunks of
+  `chunk` rows of `inputs` (a pytree of (N, ...) arrays): copies and chunks in Python loops,
+  as training (see above)."""
+  n = jax.tree.leaves(inputs)[0].shape[0]
+  k = jax.tree.leaves(copies)[0].shape[0]
+  out = []
+  for i in range(k):
+    copy = jax.tree.map(lambda x: x[i], copies)
+    out.append(np.concatenate([
+        np.asarray(apply_one(*copy, jax.tree.map(lambda a: a[s:s + chunk], inputs)))
+        for s in range(0, n, chunk)]))
+  return np.stack(out)
+
+
 def unit_peak_optimizer(recipe: Recipe, steps_per_epoch: int) -> optax.GradientTransformation:
   """The recipe's SGD on its schedule, for a peak learning rate of 1."""
   shape = reference_schedule(base_lr=1.0, steps_per_epoch=steps_per_epoch,

@@ -69,6 +69,28 @@ def with_bn_mode(source: Source, model_zero_momentum, variables: dict, bn_mode: 
 SPLIT_NAMES = ("train", "validation", "test")
 
 
+def _train_copies(loss, variables: dict, train: Split, learning_rates: np.ndarray,
+                  recipe: sweep.Recipe, seed: int) -> tuple[dict, dict]:
+  """The whole network's {params, batch_stats} trained once per learning rate (stacked)."""
+  k = len(learning_rates)
+  params, stats, _ = sweep.train_sweep(
+      loss, sweep.stack_copies(variables["params"], k),
+      sweep.stack_copies(variables["batch_stats"], k), jnp.asarray(train.images),
+      jnp.asarray(train.labels), learning_rates=learning_rates, recipe=recipe, seed=seed)
+  return params, stats
+
+
+def _plain_classifier(source: Source, bn_mode: str, train: Split, batch_size: int
+                      ) -> tuple[object, dict]:
+  """The downstream classifier and its variables: the source's backbone, a fresh head, and
+  the BatchNorm statistics of `bn_mode`."""
+  model = source.classifier()
+  variables, _ = backbone.downstream_variables(source.trained, model, train.images[:1] * 0.0,
+                                               source.seed)
+  return model, with_bn_mode(source, source.classifier(0.0), variables, bn_mode, train.images,
+                             batch_size)
+
+
 class _Classification:
   metric = "top1"
 
@@ -86,11 +108,7 @@ class LinearProbe(_Classification):
     if bn_mode == "batch":
       raise ValueError("The linear probe keeps the backbone in inference mode: its BatchNorm "
                        "modes are 'source' and 'reestimated', not 'batch'.")
-    model = source.classifier()
-    variables, _ = backbone.downstream_variables(source.trained, model, train.images[:1] * 0.0,
-                                                 source.seed)
-    variables = with_bn_mode(source, source.classifier(0.0), variables, bn_mode,
-                             train.images, self.recipe.batch_size)
+    model, variables = _plain_classifier(source, bn_mode, train, self.recipe.batch_size)
     features = lambda s: backbone.stage_features(model, variables, source.normalized(s.images),
                                                  chunk=source.chunk, pooled=True)[0]
     k = len(learning_rates)
@@ -102,8 +120,7 @@ class LinearProbe(_Classification):
 
     def score(split: Split, copy: int | None = None):
       logits = classification.linear_logits(_only(heads, copy), features(split))
-      return (classification.top1(logits, split.labels),
-              classification.mean_cross_entropy(logits, split.labels))
+      return classification.scores(logits, split.labels)
     return score
 
 
@@ -113,26 +130,17 @@ class FineTune(_Classification):
 
   def fit(self, source: Source, bn_mode: str, train: Split,
           learning_rates: np.ndarray) -> Scorer:
-    model = source.classifier()
-    variables, _ = backbone.downstream_variables(source.trained, model, train.images[:1] * 0.0,
-                                                 source.seed)
-    variables = with_bn_mode(source, source.classifier(0.0), variables, bn_mode,
-                             train.images, self.recipe.batch_size)
-    k = len(learning_rates)
+    model, variables = _plain_classifier(source, bn_mode, train, self.recipe.batch_size)
     loss = classification.fine_tune_loss(model, source.data.mean, source.data.std,
                                          bn_mode == "batch")
-    params, stats, _ = sweep.train_sweep(
-        loss, sweep.stack_copies(variables["params"], k),
-        sweep.stack_copies(variables["batch_stats"], k), jnp.asarray(train.images),
-        jnp.asarray(train.labels), learning_rates=learning_rates, recipe=self.recipe,
-        seed=source.seed)
+    params, stats = _train_copies(loss, variables, train, learning_rates, self.recipe,
+                                  source.seed)
 
     def score(split: Split, copy: int | None = None):
       logits = classification.classifier_logits(model, source.data.mean, source.data.std,
                                                  _only(params, copy), _only(stats, copy),
                                                  split.images, chunk=source.chunk)
-      return (classification.top1(logits, split.labels),
-              classification.mean_cross_entropy(logits, split.labels))
+      return classification.scores(logits, split.labels)
     return score
 
 
@@ -172,16 +180,12 @@ class Segmentation:
                                                  source.seed, backbone_under="backbone")
     variables = with_bn_mode(source, net_zero, variables, bn_mode, train.images,
                              self.recipe.batch_size)
-    k = len(learning_rates)
     if self.frozen_backbone:
       return self._fit_decoder(source, net, variables, train, learning_rates)
     loss = segmentation.segmentation_loss(net, source.data.mean, source.data.std,
                                           bn_mode == "batch")
-    params, stats, _ = sweep.train_sweep(
-        loss, sweep.stack_copies(variables["params"], k),
-        sweep.stack_copies(variables["batch_stats"], k), jnp.asarray(train.images),
-        jnp.asarray(train.labels), learning_rates=learning_rates, recipe=self.recipe,
-        seed=source.seed)
+    params, stats = _train_copies(loss, variables, train, learning_rates, self.recipe,
+                                  source.seed)
 
     def score(split: Split, copy: int | None = None):
       predicted = segmentation.predicted_masks(net, source.data.mean, source.data.std,
