@@ -26,6 +26,18 @@ def apply_override(config, assignment: str) -> None:
   if leaf not in node:
     raise ValueError(f"--set={assignment!r}: the config has no field {dotted!r}.")
   current = node[leaf]
+  if current is None and text.lower() != "none":
+    # A placeholder: parse the text as the field's declared type (int, float, bool, str, ...).
+    kind = node.get_type(leaf)
+    if kind in (int, float):
+      node[leaf] = kind(text)
+      return
+    if kind is bool:
+      node[leaf] = text.lower() in ("1", "true", "yes")
+      return
+    if kind in (tuple, list):
+      node[leaf] = kind(json.loads(text))
+      return
   if isinstance(current, bool):
     value = text.lower() in ("1", "true", "yes")
   elif isinstance(current, (int, float)) and not isinstance(current, bool):

@@ -17,8 +17,10 @@ table, the seeds, and the MixSKD ablations. `suite_runs(suite)` lists every run 
   the short schedule what holds the mixup-based methods back?
 * `fashion_mnist_transfer`: pre-training on classes 0-4, then a linear probe and fine-tuning on
   classes 5-9 from 50 labels per class.
-* `smoke`, `transfer_smoke`: the fashion_mnist and transfer protocols shrunk to seconds, for
-  tests.
+* `fashion_mnist_transfer_fair`: 13 sources pre-trained on classes 0-4, then each backbone
+  through the fair transfer protocol (`mixskd_jax.transfer`) on classes 5-9.
+* `smoke`, `transfer_smoke`, `transfer_fair_smoke`: the fashion_mnist and transfer protocols
+  shrunk to seconds, for tests.
 """
 
 from __future__ import annotations
@@ -99,8 +101,13 @@ class Suite:
   # Rows that probe a finding (options off in the reference variants); run at ablation_seeds.
   investigations: tuple[MethodSpec, ...] = ()
   # "comparison": main table, ablations, investigations; "transfer": pre-training rows, then
-  # linear-probe and fine-tuning rows from their backbones (experiments/transfer.py reports).
+  # linear-probe and fine-tuning rows from their backbones (experiments/transfer.py reports);
+  # "transfer_fair": pre-training rows, then the fair transfer protocol on each backbone
+  # (experiments/transfer_fair.py runs it, transfer_fair_report.py reports).
   kind: str = "comparison"
+  # transfer_fair: overrides (dotted.field=value) of the protocol's config
+  # (mixskd_jax/transfer/config.py) for every backbone of the suite.
+  transfer_overrides: tuple[str, ...] = ()
 
 
 def fashion_mnist_base() -> ml_collections.ConfigDict:
@@ -252,6 +259,17 @@ def transfer_smoke_downstream_base() -> ml_collections.ConfigDict:
                  eval_batch=40)
 
 
+# The fair protocol at smoke size: 3 training and 2 validation images per class, 40 test images,
+# 2 learning rates, 1 epoch per task, 4 canvases of 32 pixels per split.
+FAIR_SMOKE_TRANSFER = (
+    "data.train_examples_per_class=3", "data.validation_examples_per_class=2",
+    "data.test_examples=40", "segmentation.canvas_size=32", "segmentation.train_canvases=4",
+    "segmentation.validation_canvases=4", "segmentation.test_canvases=4",
+    *(f"{task}.{field}" for task in ("linear_probe", "fine_tune", "segmentation")
+      for field in ("recipe.epochs=1", "recipe.batch_size=3", "recipe.warmup_epochs=0",
+                    "learning_rates=[0.01, 0.1]")))
+
+
 def cifar100_base() -> ml_collections.ConfigDict:
   """The official CIFAR-100 recipe for every method (CIFAR ResNet-18, 205 epochs)."""
   return recipes.cifar("cifar_resnet18")
@@ -280,6 +298,12 @@ SUITES = {
         "Fashion-MNIST fair transfer: pre-train on classes 0-4 (13 sources), then a "
         "validation-tuned linear probe, fine-tuning and segmentation on classes 5-9",
         methods=FAIR_TRANSFER_SOURCES, ablations=(), kind="transfer_fair"),
+    "transfer_fair_smoke": Suite(
+        "transfer_fair_smoke", transfer_smoke_pretrain_base,
+        "a seconds-long shrink of fashion_mnist_transfer_fair, for tests",
+        methods=tuple(m for m in FAIR_TRANSFER_SOURCES
+                      if m.name in ("cross_entropy", "mixskd_full")),
+        ablations=(), kind="transfer_fair", transfer_overrides=FAIR_SMOKE_TRANSFER),
     "transfer_smoke": Suite(
         "transfer_smoke", transfer_smoke_pretrain_base,
         "a seconds-long shrink of fashion_mnist_transfer, for tests",

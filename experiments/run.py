@@ -188,8 +188,9 @@ def main(argv: Sequence[str]) -> int:
     try:
       completed = _EVALUATE_ONLY.value or train_all(runs, workdir)
       if completed and suite.kind == "transfer_fair":
-        waiting = transfer_fair.evaluate_all(runs, workdir, is_finished=is_finished,
-                                             overrides=_TRANSFER_SET.value)
+        waiting = transfer_fair.evaluate_all(
+            runs, workdir, is_finished=is_finished,
+            overrides=suite.transfer_overrides + tuple(_TRANSFER_SET.value))
         if waiting:
           logging.warning("%d pre-training run(s) have not finished; their transfer rows are "
                           "left out.", waiting)

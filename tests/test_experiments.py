@@ -199,6 +199,31 @@ def test_transfer_command_pretrains_then_probes_and_fine_tunes_from_it(tmp_path)
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("fashion_mnist_offline")
+def test_fair_transfer_command_pretrains_then_runs_the_protocol_on_each(tmp_path):
+  """The fair transfer suite's runner: pre-training, then the protocol (suite overrides plus
+  --transfer_set) on each backbone into <run>/transfer/, then the report's tables."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  workdir, results = str(tmp_path / "runs"), str(tmp_path / "results")
+  with flagsaver.flagsaver(suite="transfer_fair_smoke", workdir=workdir, results_dir=results,
+                           seeds=["0"], methods=["cross_entropy"], time_steps=0,
+                           transfer_set=["segmentation.decoder_width=4"]):
+    assert runner.main(["run"]) == 0
+  for source in ("cross_entropy",):
+    with open(os.path.join(workdir, source, "seed0", "transfer", "results.json")) as f:
+      tasks = json.load(f)["tasks"]
+    assert [(g["bn"], g["lr"]) for g in tasks["fine_tune"]["grid"]] == [
+        (bn, lr) for bn in ("source", "reestimated", "batch") for lr in (0.01, 0.1)]
+    with open(os.path.join(workdir, source, "seed0", "transfer", "segmentation.json")) as f:
+      assert len(json.load(f)["grid"]) == 4
+    with open(os.path.join(results, "transfer.md")) as f:
+      assert f"| {source} | " in f.read()
+  with open(os.path.join(results, "RUN.md")) as f:
+    assert "Transfer protocol: 1 backbone(s) evaluated" in f.read()
+
+
 RESULTS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "results")
 README_NAMES = {"cross_entropy": "cross-entropy", "label_smoothing": "label smoothing",
                 "mixup": "mixup", "cutmix": "CutMix", "cs_kd": "CS-KD", "ps_kd": "PS-KD",
