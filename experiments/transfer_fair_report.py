@@ -6,6 +6,8 @@ written by `experiments.transfer_fair`) and its pre-training's own test top-1, a
 * `transfer.md`: per source, the linear probe's and fine-tuning's test top-1 and the
   segmentation mIoU at the validation-chosen settings, mean ± sd over seeds, each with its
   paired difference to the cross-entropy backbone;
+* `vs_full.md`: the same for `full` and the rows that change one part of it, paired against
+  `full` itself (does removing or changing that part help?);
 * `choices.md`: the chosen BatchNorm mode and learning rate per seed, and how often the choice
   sat at an end of the learning-rate grid;
 * `diagnosis.md`: the backbones' weight norms, BatchNorm running variances and feature scale
@@ -26,6 +28,7 @@ from experiments.transfer_fair import eval_dir
 from mixskd_jax.transfer import run as transfer_run
 
 BASELINE = "cross_entropy"
+FULL = "mixskd_full"  # the rows that change one part of it are named full_*
 TASKS = (("linear_probe", "linear probe top-1 %"), ("fine_tune", "fine-tuned top-1 %"),
          ("segmentation", "segmentation mIoU %"))
 PARTS = ("stem", "layer1", "layer2", "layer3")
@@ -69,9 +72,12 @@ def _diff_cell(diff: dict | None) -> str:
           "seeds)")
 
 
-def transfer_table(sources: Sequence[str], loaded: dict) -> str:
+def transfer_table(sources: Sequence[str], loaded: dict, baseline: str = BASELINE,
+                   label: str = "CE") -> str:
+  """Per source: its own top-1 and each task's test metric with its paired difference to
+  `baseline` (shown as "vs `label`")."""
   head = "| pre-training | its top-1 % (classes 0-4) | " + " | ".join(
-      f"{title} | vs CE" for _, title in TASKS) + " |"
+      f"{title} | vs {label}" for _, title in TASKS) + " |"
   lines = [head, "|" + "---|" * (2 + 2 * len(TASKS))]
   for source in sources:
     if source not in loaded:
@@ -81,12 +87,12 @@ def transfer_table(sources: Sequence[str], loaded: dict) -> str:
     for task, _ in TASKS:
       values = metric(loaded, source, task)
       cells.append(_cell(values))
-      cells.append("" if source == BASELINE else _diff_cell(
-          analysis.paired_difference(values, metric(loaded, BASELINE, task))))
+      cells.append("" if source == baseline else _diff_cell(
+          analysis.paired_difference(values, metric(loaded, baseline, task))))
     lines.append(f"| {source} | " + " | ".join(cells) + " |")
   return ("Test metric at the setting chosen on validation, mean ± sd (number of seeds); "
-          "\"vs CE\": paired by seed against the cross-entropy backbone (bold: p < 0.05).\n\n"
-          + "\n".join(lines) + "\n")
+          f"\"vs {label}\": paired by seed against the {baseline} backbone (bold: p < 0.05)."
+          "\n\n" + "\n".join(lines) + "\n")
 
 
 def choices_table(sources: Sequence[str], loaded: dict) -> str:
@@ -201,6 +207,9 @@ def write(suite: protocol.Suite, runs: Sequence[protocol.Run], workdir: str,
   sources = [m.name for m in suite.methods]
   for name, title, text in (
       ("transfer.md", "Fair transfer", transfer_table(sources, loaded)),
+      ("vs_full.md", "Against MixSKD `full`: what removing or changing one part does",
+       transfer_table([s for s in sources if s == FULL or s.startswith("full_")], loaded,
+                      baseline=FULL, label="full")),
       ("choices.md", "Settings chosen on validation", choices_table(sources, loaded)),
       ("diagnosis.md", "What the backbones look like", diagnosis_table(sources, loaded))):
     with open(os.path.join(results_dir, name), "w") as f:

@@ -309,3 +309,20 @@ def test_a_preempted_run_ends_the_command(tmp_path, monkeypatch):
 
   monkeypatch.setattr(loop, "train_and_evaluate", finishing_train)
   assert runner.train_all(runs, str(tmp_path)) is True
+
+
+def test_committed_results_readme_quotes_the_fair_transfer_tables():
+  """Every row of the fair transfer suite's transfer.md and diagnosis.md appears verbatim in
+  the results README, and the table covers the suite's sources."""
+  with open(os.path.join(RESULTS, "README.md")) as f:
+    text = f.read()
+  folder = os.path.join(RESULTS, "fashion_mnist_transfer_fair")
+  for name in ("transfer.md", "diagnosis.md"):
+    with open(os.path.join(folder, name)) as f:
+      rows = [l for l in f.read().splitlines() if l.startswith("| ") and "---" not in l]
+    assert len(rows) >= 2, name
+    missing = [l for l in rows if l not in text]
+    assert not missing, (name, missing[:2])
+  with open(os.path.join(folder, "transfer.md")) as f:
+    shown = {l.split("|")[1].strip() for l in f.read().splitlines() if l.startswith("| ")}
+  assert {"cross_entropy", "mixskd_full", "full_unit_pooled_discriminator"} <= shown
