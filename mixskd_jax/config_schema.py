@@ -83,7 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   # accuracy beats the backbone's) | monitor (log that gate and the accuracies, never apply it)
   c.objective.kl_gate = "none"
   # pooled (the reference) | unit_pooled (the discriminators read unit-norm pooled features, so
-  # their frozen random BCE cannot reward larger features; issue #21, transfer)
+  # their frozen random BCE cannot reward larger features; its effect on transfer:
+  # experiments/results/README.md)
   c.objective.discriminator_input = "pooled"
 
   # The baselines' hyperparameters (spec §7: Self-KD-Lib's values).

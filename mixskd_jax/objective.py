@@ -43,8 +43,9 @@ KL_TERMS = ("kl_self_teacher", "kl_branches")
 KL_GATES = ("none", "teacher_leads", "monitor")
 # ObjectiveConfig.discriminator_input: what the discriminators read. "pooled" is the
 # reference (the pooled feature maps); "unit_pooled" scales each pooled row to unit L2 norm
-# first, so a frozen random discriminator's BCE cannot be lowered by growing the features
-# (issue #21: with "pooled" it rewards ever larger features, which hurts transfer).
+# first, so a frozen random discriminator's BCE cannot be lowered by growing the features.
+# Built to test whether that term hurts transfer by rewarding larger features (issue #21): it
+# did hurt frozen features, but not through their size (experiments/results/README.md).
 DISCRIMINATOR_INPUTS = ("pooled", "unit_pooled")
 TRAINABLE, FROZEN = trainable.TRAINABLE, trainable.FROZEN
 
