@@ -1,13 +1,16 @@
 """The statistics of the comparison reports (experiments/analysis.py, experiments/tables.py)
 against hand-computed values and scipy's own paired t-test."""
 
+import dataclasses
+import json
 import math
+import os
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import analysis, protocol, tables
+from experiments import analysis, protocol, tables, transfer_fair, transfer_fair_report
 
 
 def test_paired_difference_matches_scipy_and_hand_values():
@@ -124,10 +127,6 @@ def test_fair_transfer_report_by_hand(tmp_path):
   """The fair transfer tables from hand-written protocol results: mean ± sd over seeds, the
   paired difference to cross-entropy (mean and seeds won), the chosen settings and how many
   sat at an end of the grid, and the diagnosis columns' means."""
-  import dataclasses
-  import json
-  import os
-  from experiments import protocol, transfer_fair, transfer_fair_report
   suite = dataclasses.replace(protocol.get_suite("fashion_mnist_transfer_fair"),
                               methods=protocol.FAIR_TRANSFER_SOURCES[:1]
                               + tuple(m for m in protocol.FAIR_TRANSFER_SOURCES

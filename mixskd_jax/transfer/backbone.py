@@ -117,13 +117,3 @@ def apply_training(model: nn.Module, variables: dict, x: jax.Array, batch_norm_t
     outputs, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
     return outputs, state["batch_stats"]
   return model.apply(variables, x, train=False), variables["batch_stats"]
-
-
-def backbone_of(trained: pretrained.Trained) -> dict:
-  """The source's plain backbone {'params', 'batch_stats'}, its pre-training head included."""
-  return pretrained.backbone_variables(trained)
-
-
-def head_variables(variables: dict) -> dict:
-  """The plain classifier's head `fc` parameters ({'kernel': (c, k), 'bias': (k,)})."""
-  return variables["params"][pretrained.HEAD]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from flax import traverse_util
 
+from mixskd_jax import pooling as pooling_lib
+from mixskd_jax.train import pretrained
 from mixskd_jax.transfer import backbone
 from mixskd_jax.transfer.tasks import Source
 
@@ -55,9 +57,10 @@ def feature_scale(source: Source, images: np.ndarray) -> dict[str, float]:
   model = source.classifier()
   variables, _ = backbone.downstream_variables(source.trained, model, images[:1] * 0.0,
                                                source.seed)
-  x = source.normalized(images)
-  stages = backbone.stage_features(model, variables, x, chunk=source.chunk)
-  pooled = backbone.stage_features(model, variables, x, chunk=source.chunk, pooled=True)[0]
+  stages = backbone.stage_features(model, variables, source.normalized(images),
+                                  chunk=source.chunk)
+  # The head reads the last stage's output, pooled (`StagedClassifier`).
+  pooled = np.asarray(pooling_lib.pool(stages[-1], model.pooling))
   rms = {f"layer{s + 1}": float(np.sqrt(np.mean(np.square(f)))) for s, f in enumerate(stages)}
   rms["pooled"] = float(np.sqrt(np.mean(np.square(pooled))))
   return rms
@@ -66,7 +69,7 @@ def feature_scale(source: Source, images: np.ndarray) -> dict[str, float]:
 def diagnose(source: Source) -> dict:
   """{'weight_norm': per part, 'batchnorm': per part, 'feature_rms': per stage} of the
   source's backbone, features measured on the downstream training images."""
-  variables = backbone.backbone_of(source.trained)
+  variables = pretrained.backbone_variables(source.trained)
   return {"weight_norm": weight_norms(variables["params"]),
           "batchnorm": batchnorm_statistics(variables.get("batch_stats", {})),
           "feature_rms": feature_scale(source, source.data.train.images)}

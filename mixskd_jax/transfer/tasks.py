@@ -112,7 +112,7 @@ class LinearProbe(_Classification):
     features = lambda s: backbone.stage_features(model, variables, source.normalized(s.images),
                                                  chunk=source.chunk, pooled=True)[0]
     k = len(learning_rates)
-    heads = sweep.stack_copies(backbone.head_variables(variables), k)
+    heads = sweep.stack_copies(variables["params"][pretrained.HEAD], k)
     heads, _, _ = sweep.train_sweep(classification.linear_probe_loss(), heads, {},
                                     jnp.asarray(features(train)), jnp.asarray(train.labels),
                                     learning_rates=learning_rates, recipe=self.recipe,
