@@ -26,6 +26,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("subprocess_compile_cach
 # keeps the comparison about the processes' slices. 2 images per device: the mix groups of 8
 # images span 4 devices, and so the two processes.
 STEPS = {"num_train_steps": 6, "checkpoint_every_steps": 3, "optimizer.learning_rate": 0.01}
+# Even at lr 0.01 that rounding reaches, on some CPUs, 0.6% of how far 6 steps moved a tensor
+# (an Intel Xeon, where the result is the same on every run: a branch conv kernel off by 4.6e-5
+# of a 7.9e-3 move, a BatchNorm bias by 7e-6), so each tensor is compared with a tolerance of 5%
+# of its largest move. A process reading the wrong slice, or both the same one, replaces half
+# of every batch, which changes the updates by tens of percent; the tensors training leaves
+# alone (the frozen discriminators) must agree to float32 rounding.
+UPDATE_RTOL = 0.05
+
+
+def assert_same_training(multi, single, init):
+  """Every tensor of `multi` equals `single` up to UPDATE_RTOL of its update from `init`."""
+  assert multi.keys() == single.keys() == init.keys()
+  for name in single:
+    moved = float(np.max(np.abs(single[name] - init[name])))
+    np.testing.assert_allclose(multi[name], single[name], rtol=1e-5,
+                               atol=1e-7 + UPDATE_RTOL * moved, err_msg=name)
 
 
 def free_port():
@@ -85,13 +101,11 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
   results = results_of(outputs[0][1])
   assert results["processes"] == 2 and results["devices"] == 8 and results["finished"]
 
-  run(tmp_path / "single", 8, STEPS, dump=tmp_path / "single.npz")
-  single = load(tmp_path / "single.npz")
+  run(tmp_path / "single", 8, STEPS, dump=tmp_path / "single.npz",
+      dump_init=tmp_path / "init.npz")
+  single, init = load(tmp_path / "single.npz"), load(tmp_path / "init.npz")
   for pid in range(2):
-    multi = load(tmp_path / f"multi{pid}.npz")
-    assert multi.keys() == single.keys()
-    for name in single:
-      np.testing.assert_allclose(multi[name], single[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_same_training(load(tmp_path / f"multi{pid}.npz"), single, init)
 
   # Process 0 alone writes logs, results and the history; checkpoints are written together
   # (orbax spreads the bytes of replicated arrays over the processes, process 0 commits).

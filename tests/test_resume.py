@@ -31,10 +31,11 @@ def prepared_fashion_mnist():
   sources.get_builder(tiny_config().data)
 
 
-def command(workdir, devices, overrides, dump=None):
+def command(workdir, devices, overrides, dump=None, dump_init=None):
   cmd = [sys.executable, RUNNER, "--workdir", str(workdir), "--devices", str(devices),
          "--overrides", json.dumps(overrides)]
-  return cmd + (["--dump", str(dump)] if dump else [])
+  return (cmd + (["--dump", str(dump)] if dump else [])
+          + (["--dump_init", str(dump_init)] if dump_init else []))
 
 
 def run(*args, **kwargs):

@@ -16,6 +16,7 @@ def parse_args():
   parser.add_argument("--devices", type=int, default=1, help="fake CPU devices of this process")
   parser.add_argument("--overrides", default="{}", help="JSON of dotted config fields")
   parser.add_argument("--dump", help="write the final params here (.npz), from every process")
+  parser.add_argument("--dump_init", help="write the params before the first step here (.npz)")
   parser.add_argument("--dump_all", action="store_true",
                       help="dump the whole train state (optimizer state, step, ...), not only "
                            "the params")
@@ -35,12 +36,16 @@ def main():
 
   config = tiny_config(json.loads(args.overrides))
   trainer = Trainer(config, args.workdir)
+
+  def dump(path, tree):
+    np.savez(path, **{jax.tree_util.keystr(key): np.asarray(leaf.addressable_data(0))
+                      for key, leaf in jax.tree_util.tree_leaves_with_path(tree)})
+
+  if args.dump_init:
+    dump(args.dump_init, trainer.state.params)
   results = trainer.run()
   if args.dump:
-    leaves = jax.tree_util.tree_leaves_with_path(
-        trainer.state if args.dump_all else trainer.state.params)
-    np.savez(args.dump, **{jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
-                           for path, leaf in leaves})
+    dump(args.dump, trainer.state if args.dump_all else trainer.state.params)
   print("RESULTS", json.dumps({k: v for k, v in results.items() if k != "history"}), flush=True)
   sys.exit(PREEMPTED_EXIT_CODE if results["preempted"] else 0)
 
