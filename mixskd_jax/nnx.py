@@ -1,5 +1,6 @@
 """MixSKD for native `flax.nnx` models: self-teacher, discriminators, the staged network,
-the variant's trainable filter and the loss of one step.
+the variant's trainable filter and optimizer, the loss of one step, and the copy of a trained
+backbone into a user's plain model.
 
 The Linen classes in `mixskd_jax.models` are mirrored module for module (same initializers,
 same parameter names: `self_teacher/conv/kernel`, `discriminators/disc0/fc1/kernel`, ...), so
@@ -13,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from mixskd_jax import mixing, objective, pooling as pooling_lib
@@ -82,11 +84,16 @@ class MLPDiscriminator(nnx.Module):
 
   def __init__(self, in_features: int, hidden: int = 128, *, dtype: Dtype = jnp.float32,
                rngs: nnx.Rngs):
+    self.in_features = in_features
     self.fc1 = torch_linear(in_features, hidden, rngs=rngs, dtype=dtype)
     self.fc2 = torch_linear(hidden, 2, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (N, c) pooled features -> (N, 2) logits."""
+    if x.shape[-1] != self.in_features:
+      raise ValueError(f"A discriminator built for in_features={self.in_features} got pooled "
+                       f"features of {x.shape[-1]} channels (shape {x.shape}): build "
+                       f"FeatureDiscriminators with in_features equal to each head's channels.")
     return self.fc2(jax.nn.relu(self.fc1(x)))
 
 
@@ -115,8 +122,9 @@ class Tower(nnx.Module):
   """[stem ->] stages -> pool -> head: the backbone, or (no stem) one auxiliary branch."""
 
   def __init__(self, stem: nnx.Module | None, stages: Sequence[nnx.Module], head: nnx.Module,
-               pooling: str):
+               pooling: str, features: int | None = None):
     self.stem, self.stages, self.head, self.pooling = stem, nnx.List(stages), head, pooling
+    self.features = features
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """x: (N, ...) -> (logits (N, C), every stage's output, the last one the head's features)."""
@@ -125,6 +133,10 @@ class Tower(nnx.Module):
     for stage in self.stages:
       x = stage(x)
       outs.append(x)
+    if self.features is not None and x.shape[-1] != self.features:
+      raise ValueError(f"MixSKDNetwork was built with features={self.features}, but the last "
+                       f"stage gives {x.shape[-1]} channels (output {x.shape}): pass "
+                       f"features={x.shape[-1]}.")
     return self.head(pooling_lib.pool(x, self.pooling)), tuple(outs)
 
 
@@ -164,6 +176,7 @@ class MixSKDNetwork(nnx.Module):
       raise ValueError(f"MixSKDNetwork needs at least 2 stages (got {len(stages)}): the "
                        "auxiliary branches start after stages 1 .. S-1, so one stage has none.")
     self.pooling = pooling_lib.check_pooling(pooling)
+    self.num_classes = num_classes
     head = head or torch_linear
     built = []
 
@@ -177,9 +190,10 @@ class MixSKDNetwork(nnx.Module):
       return module
 
     self.backbone = Tower(build(stem) if stem else None, [build(f) for f in stages],
-                          build(head, features, num_classes), pooling)
+                          build(head, features, num_classes), pooling, features)
     self.branches = nnx.List([
-        Tower(None, [build(f) for f in stages[k:]], build(head, features, num_classes), pooling)
+        Tower(None, [build(f) for f in stages[k:]], build(head, features, num_classes), pooling,
+              features)
         for k in range(1, len(stages))])
     self.self_teacher = SelfTeacher(len(stages) * features, num_classes,
                                     width=self_teacher_width or features, pooling=pooling,
@@ -195,6 +209,10 @@ class MixSKDNetwork(nnx.Module):
     """x: (N, ...) inputs -> S heads, branch 1 .. S-1 then backbone: logits (N, C) and final
     features; `stage_features` are the backbone's S stage outputs."""
     logits, stage_outs = self.backbone(x)
+    if logits.shape[-1] != self.num_classes:
+      raise ValueError(f"The head factory gave {logits.shape[-1]} outputs for num_classes="
+                       f"{self.num_classes}: it is called as head(in_features, num_classes, "
+                       "rngs=...) and must return a module with num_classes outputs.")
     heads = [branch(s) for branch, s in zip(self.branches, stage_outs[:-1])]
     return ModelOutputs(logits=tuple(z for z, _ in heads) + (logits,),
                         features=tuple(o[-1] for _, o in heads) + (stage_outs[-1],),
@@ -224,6 +242,47 @@ def trainable_filter(config: objective.ObjectiveConfig) -> nnx.filterlib.Filter:
   if not config.trains_discriminators:
     frozen.add("discriminators")
   return nnx.All(nnx.Param, lambda path, _: not (path and path[0] in frozen))
+
+
+def optimizer(model: MixSKDNetwork, tx: optax.GradientTransformation,
+              config: objective.ObjectiveConfig) -> nnx.Optimizer:
+  """`nnx.Optimizer(model, tx, wrt=trainable_filter(config))`: `tx` for what the variant
+  trains. The loss already sends no gradient into frozen heads, so `wrt=nnx.Param` with a
+  gradient-only `tx` leaves them alone too; this also keeps weight decay (`optax.adamw`) and any
+  other gradient-free update off them. Gradients taken with `nnx.DiffState(0, nnx.Param)` or
+  with the same filter both work."""
+  return nnx.Optimizer(model, tx, wrt=trainable_filter(config))
+
+
+def copy_backbone(model: MixSKDNetwork, plain: nnx.Module) -> nnx.Module:
+  """Copies the trained backbone's parameters and BatchNorm statistics into `plain`, a user's
+  own NNX classifier laid out like `model.backbone` (attributes `stem` (if any), `stages` (a
+  list) and `head`), in place; returns `plain`. Run `model.backbone(x)` for (logits,
+  stage outputs) without copying.
+
+  Raises:
+    ValueError naming the first path or shape that differs.
+  """
+  source = nnx.to_flat_state(nnx.state(model.backbone))
+  target = nnx.to_flat_state(nnx.state(plain))
+  source_shapes = {path: getattr(v.get_value(), "shape", None) for path, v in source}
+  target_shapes = {path: getattr(v.get_value(), "shape", None) for path, v in target}
+  name = lambda path: "/".join(str(p) for p in path)
+  layout = "lay it out as stem, stages (an nnx.List), head, with the backbone's module names."
+  missing = [p for p in source_shapes if p not in target_shapes]
+  if missing:
+    raise ValueError(f"Your plain model has no {name(missing[0])!r}, which the backbone has: "
+                     f"{layout}")
+  extra = [p for p in target_shapes if p not in source_shapes]
+  if extra:
+    raise ValueError(f"Your plain model has {name(extra[0])!r}, which the backbone does not: "
+                     f"{layout}")
+  for path, shape in source_shapes.items():
+    if target_shapes[path] != shape:
+      raise ValueError(f"{name(path)!r} is {target_shapes[path]} in your plain model but "
+                       f"{shape} in the backbone: build it with the same widths.")
+  nnx.update(plain, nnx.state(model.backbone))
+  return plain
 
 
 def mixskd_loss(model: MixSKDNetwork, images: jax.Array, labels: jax.Array, mix: MixParams,

@@ -159,6 +159,17 @@ def _check_outputs(outputs: ModelOutputs, batch: int) -> None:
     if z.shape[0] != 2 * batch:
       raise ValueError(f"outputs must cover 2B = {2 * batch} images [clean; mixed] for {batch} "
                        f"labels, got logits of shape {z.shape}.")
+  shapes = [z.shape for z in outputs.logits]
+  if len(set(shapes)) > 1:  # the heads distil into each other: one class count for all
+    raise ValueError(f"Every head's logits must have one shape (2B, num_classes); got {shapes} "
+                     "(branch 1 .. main head): build every head with the same num_classes.")
+
+
+def _check_head_output(name: str, got: Any, expected: tuple[int, ...], fix: str) -> None:
+  """A self-teacher or discriminator that returns the wrong shape, named before it reaches a
+  loss as a broadcasting error."""
+  if got.shape != expected:
+    raise ValueError(f"The {name} returned shape {got.shape}, expected {expected}: {fix}")
 
 
 def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
@@ -183,11 +194,22 @@ def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
   mix_ce = lambda z: losses.mixup_cross_entropy(z, labels, labels_b, lam)
   kl = lambda s, t: losses.temperature_kl(s, t, config.temperature)
 
+  # A head the variant keeps fixed gets no gradient into its parameters, whatever optimizer
+  # the user writes; its inputs still pass the gradient on to the network.
+  if not config.trains_self_teacher:
+    self_teacher = trainable.frozen_function(self_teacher)
+  if not config.trains_discriminators:
+    discriminators = trainable.frozen_function(discriminators)
+
   # t_hat (from the interpolated features) and t_tilde (from the mixup ones) in one call:
   # the self-teacher works row by row, and one call gives its parameters one gradient to
   # all-reduce across devices instead of two.
-  teacher_interp, teacher_mixup = mixing.split_views(losses.upcast(self_teacher(
-      [mixing.stack_views(i, m, groups) for i, m in zip(interp_feats, mixup_feats)])), groups)
+  teacher_logits = self_teacher(
+      [mixing.stack_views(i, m, groups) for i, m in zip(interp_feats, mixup_feats)])
+  _check_head_output("self_teacher", teacher_logits, outputs.logits[0].shape,
+                     "it maps the heads' features of 2B rows to (2B, num_classes) logits, "
+                     "with the heads' num_classes.")
+  teacher_interp, teacher_mixup = mixing.split_views(losses.upcast(teacher_logits), groups)
 
   # Laid out like the network's rows, so each group's pooled features stay on its device.
   pool = lambda f: pooling_lib.pool(f, pooling)
@@ -197,7 +219,13 @@ def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
     pooled = [losses.unit_rows(p) for p in pooled]
   if config.trains_discriminators:
     pooled = [gradient_reversal(p, config.gradient_reversal_scale) for p in pooled]
-  disc_logits = discriminators(pooled)
+  disc_logits = tuple(discriminators(pooled))
+  if len(disc_logits) != num_heads:
+    raise ValueError(f"discriminators returned {len(disc_logits)} arrays for {num_heads} heads; "
+                     "it must map the H pooled arrays to H logit arrays (2B, 2).")
+  for d, p in zip(disc_logits, pooled):
+    _check_head_output("discriminators", d, (p.shape[0], 2), "each head's discriminator gives "
+                       "2 logits (interpolated vs mixup) per row.")
 
   accuracies = None
   if config.kl_gate != "none":

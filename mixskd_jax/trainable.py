@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
+import optax
 from flax import traverse_util
 from flax.core import unfreeze
 
@@ -120,3 +122,47 @@ def mask(labels: Any) -> Any:
   if isinstance(labels, Mapping):
     return {k: mask(v) for k, v in labels.items()}
   return labels == TRAINABLE
+
+
+def frozen_function(fn: Callable) -> Callable:
+  """`fn` with no gradient into the arrays it closes over (a frozen head's parameters);
+  gradients still reach its arguments, so the network learns through a frozen head.
+
+  The closed-over arrays are found by tracing `fn` (`jax.closure_convert`), so this works for
+  a lambda over a params dict, a bound Linen method and an NNX module's method alike. The
+  forward computation is the same jaxpr, so values do not change.
+  """
+  def call(*args):
+    converted, consts = jax.closure_convert(fn, *args)
+    return converted(*args, *(jax.lax.stop_gradient(c) for c in consts))
+  return call
+
+
+def partitioned(tx: optax.GradientTransformation, labels: Any) -> optax.GradientTransformation:
+  """Applies `tx` to TRAINABLE leaves and a zero update (no decay, no momentum) to FROZEN ones.
+
+  Args:
+    tx: the optimizer of the trained parameters.
+    labels: pytree of TRAINABLE / FROZEN labels, e.g. `variant_partition`'s.
+  """
+  return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+def variant_optimizer(tx: optax.GradientTransformation, params: Mapping[str, Any], config: Any,
+                      *, self_teacher: Where = ("self_teacher",),
+                      discriminators: Where = ("discriminators",)
+                      ) -> optax.GradientTransformation:
+  """`tx` for the parameters `config`'s variant trains; the frozen heads get a zero update.
+
+  The objective already sends no gradient into frozen heads, so a gradient-only optimizer
+  (SGD, momentum, Adam) leaves them alone; this also keeps weight decay (coupled or decoupled,
+  e.g. `optax.adamw`) and any other update that moves parameters without a gradient off them.
+
+  Args:
+    tx: any optax optimizer.
+    params: the network's and the training-only heads' parameters (their structure is read).
+    config: an `objective.ObjectiveConfig`.
+    self_teacher, discriminators: where those heads are (`Where`, as in `variant_partition`).
+  """
+  return partitioned(tx, variant_partition(params, config, self_teacher=self_teacher,
+                                           discriminators=discriminators))

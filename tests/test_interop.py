@@ -17,7 +17,8 @@ from mixskd_jax.interop import (convert_state_dict, export_backbone, load_conver
                                 read_state_dict)
 from mixskd_jax.interop.__main__ import main as convert_main  # noqa: E402
 from mixskd_jax.models import build_model  # noqa: E402
-from mixskd_jax.train.optimizer import partitioned, reference_sgd  # noqa: E402
+from mixskd_jax.train.optimizer import reference_sgd
+from mixskd_jax.trainable import partitioned  # noqa: E402
 from tests import torch_reference as tr  # noqa: E402
 
 RTOL = 1e-4  # the definition of done: float32, relative difference at most 1e-4

@@ -2,6 +2,7 @@
 per-example terms, a `where` mask for padded rows, `shard_map` with an axis name, a user's own
 `nn.BatchNorm` on [clean; mixed], path-based trainable masks, float32 lam."""
 
+import re
 import subprocess
 import sys
 
@@ -277,3 +278,52 @@ def test_lam_stays_float32_when_mixing_bfloat16():
   rounded_first = bf16_lam * x + (1 - bf16_lam) * x[::-1]
   assert not np.array_equal(np.asarray(mixskd.mix(x, mix), np.float32),
                             np.asarray(rounded_first, np.float32))
+
+
+def test_shape_mistakes_in_the_linen_path_are_one_sentence_naming_the_fix():
+  """Heads applied to other widths than they were initialized for, a head factory with the
+  wrong class count, heads of different class counts, a self-teacher or discriminators that
+  return the wrong shape: each a ValueError saying what to change, never a raw Flax or
+  broadcasting error."""
+  feats = [jnp.ones((4, 2, 2, 8))] * 2
+  teacher = mixskd.SelfTeacher(5)
+  teacher_vars = teacher.init(jax.random.key(0), feats)
+  with pytest.raises(ValueError, match=r"initialized for heads' features of 16 channels in all, "
+                                       r"got 12 \(\[6, 6\]\)"):
+    teacher.apply(teacher_vars, [jnp.ones((4, 2, 2, 6))] * 2)
+  discs = mixskd.FeatureDiscriminators(hidden=4)
+  disc_vars = discs.init(jax.random.key(0), [jnp.ones((4, 8))] * 2)
+  for widths in ([6, 6], [8, 8, 8]):
+    with pytest.raises(ValueError, match=rf"initialized for 2 heads of \[8, 8\] channels, got "
+                                         rf"pooled features of {re.escape(str(widths))}"):
+      discs.apply(disc_vars, [jnp.ones((4, w)) for w in widths])
+
+  class Stage(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(4, (3, 3), strides=2)(x)
+
+  wide_head = lambda num_classes, in_features, name: nn.Dense(num_classes + 1, name=name)
+  with pytest.raises(ValueError, match="head factory gave 6 outputs for num_classes=5"):
+    mixskd.mixskd_network([Stage(), Stage()], 5, head=wide_head).init(
+        jax.random.key(0), jnp.ones((2, 8, 8, 1)))
+
+  mix = mixskd.sample_mix(jax.random.key(0), 2, alpha=0.4)
+  labels = jnp.array([0, 1])
+  good = dict(self_teacher=lambda f: jnp.ones((4, 5)),
+              discriminators=lambda p: [jnp.ones((4, 2))] * 2, config=FULL)
+  outputs = mixskd.ModelOutputs(logits=(jnp.ones((4, 5)),) * 2, features=tuple(feats))
+  mixskd.mixskd_loss(outputs, labels, mix, **good)  # the shapes that fit
+  uneven = mixskd.ModelOutputs(logits=(jnp.ones((4, 5)), jnp.ones((4, 6))), features=tuple(feats))
+  with pytest.raises(ValueError, match=r"must have one shape \(2B, num_classes\); got "
+                                       r"\[\(4, 5\), \(4, 6\)\]"):
+    mixskd.mixskd_loss(uneven, labels, mix, **good)
+  with pytest.raises(ValueError, match=r"self_teacher returned shape \(4, 7\), expected \(4, 5\)"):
+    mixskd.mixskd_loss(outputs, labels, mix, **{**good, "self_teacher": lambda f: jnp.ones((4, 7))})
+  with pytest.raises(ValueError, match="discriminators returned 3 arrays for 2 heads"):
+    mixskd.mixskd_loss(outputs, labels, mix,
+                       **{**good, "discriminators": lambda p: [jnp.ones((4, 2))] * 3})
+  with pytest.raises(ValueError,
+                     match=r"discriminators returned shape \(4, 3\), expected \(4, 2\)"):
+    mixskd.mixskd_loss(outputs, labels, mix,
+                       **{**good, "discriminators": lambda p: [jnp.ones((4, 3))] * 2})

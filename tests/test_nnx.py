@@ -219,3 +219,46 @@ def test_readme_nnx_example_runs(capsys):
   assert all(np.isfinite(float(v)) for v in namespace["terms"].values())
   assert namespace["logits"].shape == (8, 10)
   assert "clean_ce" in capsys.readouterr().out
+  # The backbone alone and the user's plain copy give the network's main-head logits.
+  np.testing.assert_array_equal(namespace["backbone_logits"], namespace["logits"])
+  np.testing.assert_allclose(namespace["plain_logits"], namespace["logits"], rtol=1e-5,
+                             atol=1e-6)
+  assert [o.shape[-1] for o in namespace["stage_outputs"]] == [16, 32, 64]
+  # BatchNorm statistics moved in training, and the copy carries them.
+  plain, model = namespace["plain"], namespace["model"]
+  np.testing.assert_array_equal(plain.stages[2].bn.mean[...], model.backbone.stages[2].bn.mean[...])
+  assert float(np.abs(plain.stages[2].bn.mean[...]).max()) > 0
+
+
+def test_copy_backbone_refuses_a_plain_model_laid_out_otherwise():
+  build = lambda features=8: mnnx.MixSKDNetwork(
+      stages=[lambda rngs: nnx.Linear(8, 8, rngs=rngs)] * 2, num_classes=5,
+      features=features, pooling="token_mean", rngs=nnx.Rngs(0))
+
+  class Plain(nnx.Module):
+    def __init__(self, width, rngs, stages_name="stages"):
+      setattr(self, stages_name, nnx.List([nnx.Linear(8, 8, rngs=rngs),
+                                           nnx.Linear(8, width, rngs=rngs)]))
+      self.head = nnx.Linear(8, 5, rngs=rngs)
+
+  model = build()
+  copied = mnnx.copy_backbone(model, Plain(8, nnx.Rngs(3)))
+  np.testing.assert_array_equal(copied.head.kernel[...], model.backbone.head.kernel[...])
+  with pytest.raises(ValueError, match=r"'stages/1/bias' is \(4,\) in your plain model but "
+                                       r"\(8,\) in the backbone"):
+    mnnx.copy_backbone(model, Plain(4, nnx.Rngs(3)))
+  with pytest.raises(ValueError, match="Your plain model has no 'stages/0/bias'"):
+    mnnx.copy_backbone(model, Plain(8, nnx.Rngs(3), stages_name="layers"))
+
+
+def test_wrong_features_and_discriminator_widths_name_the_argument():
+  tokens = jax.random.normal(jax.random.key(1), (4, 6, 8))
+  model = mnnx.MixSKDNetwork(stages=[lambda rngs: nnx.Linear(8, 8, rngs=rngs)] * 2,
+                             num_classes=5, features=16, pooling="token_mean", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="built with features=16, but the last stage gives 8 "
+                                       "channels .*: pass features=8"):
+    model(tokens)
+  discs = mnnx.FeatureDiscriminators([8, 8], rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="built for in_features=8 got pooled features of 6 "
+                                       "channels"):
+    discs([jnp.ones((4, 8)), jnp.ones((4, 6))])

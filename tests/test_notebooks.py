@@ -265,15 +265,50 @@ def test_load_checkpoint_predict(where, kernel_dir, compilation_cache, package_s
   assert all(0 <= c < 100 for c in result["predicted_classes"])  # CIFAR-100 classes
 
 
+@pytest.fixture(scope="module")
+def package_wheel(package_source, tmp_path_factory):
+  """The wheel the notebooks' install cell tells a Colab user to build and upload, built as it
+  says (`pip wheel . --no-deps -w dist`) from a copy of the checkout."""
+  dist = tmp_path_factory.mktemp("dist")
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), "."],
+                 cwd=package_source, check=True, capture_output=True, text=True, timeout=600)
+  wheels = [name for name in os.listdir(dist) if name.endswith(".whl")]
+  assert len(wheels) == 1 and wheels[0].startswith("mixskd_jax-"), wheels
+  return str(dist / wheels[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cell_without_mixskd_source_stops_with_one_error_naming_it(
+    name, kernel_dir, compilation_cache, tmp_path):
+  """Outside a checkout, mixskd_jax not importable and MIXSKD_SOURCE unset: the install cell
+  tries no made-up URL; it raises one error that names MIXSKD_SOURCE and its three forms."""
+  outside = Outside(tmp_path, "unused", compilation_cache)
+  if outside.preinstalled:
+    pytest.skip("mixskd_jax is installed in this interpreter, so the install cell skips.")
+  with pytest.raises(nbclient.exceptions.CellExecutionError) as raised:
+    run_notebook(name, kernel_dir, compilation_cache, tmp_path, cwd=outside.cwd,
+                 env={**outside.env, "MIXSKD_SOURCE": None})
+  # The error itself (the exception's string also quotes the cell's source).
+  assert raised.value.ename == "RuntimeError"
+  message = raised.value.evalue
+  assert message.startswith("mixskd_jax is not installed here. Set MIXSKD_SOURCE")
+  for form in ("a git URL", "pip wheel . --no-deps -w dist", "google.colab.files.upload()",
+               "source folder"):
+    assert form in message, form
+  assert not os.listdir(outside.site)  # nothing was installed
+
+
 @pytest.mark.slow
 def test_colab_notebook_installs_and_trains_outside_the_checkout(kernel_dir, compilation_cache,
-                                                                 package_source, tmp_path):
+                                                                 package_wheel, tmp_path):
   """colab_own_backbone.ipynb from a runtime without mixskd_jax: its install cell runs
-  `pip install --no-deps $MIXSKD_SOURCE` (here a copy of this checkout, into a temporary
-  prefix instead of the environment), then it trains a ConvNet of its own with MixSKD: the loss
-  goes down, every head and the self-teacher beat chance on Fashion-MNIST, and the `full`
-  variant's frozen discriminators do not move."""
-  outside = Outside(tmp_path, package_source, compilation_cache)
+  `pip install --no-deps $MIXSKD_SOURCE`, here the wheel built as the cell says (into a
+  temporary prefix instead of the environment; the other notebooks install a source folder),
+  then it trains a ConvNet of its own with MixSKD: the loss goes down, every head and the
+  self-teacher beat chance on Fashion-MNIST, and the `full` variant's frozen discriminators do
+  not move."""
+  outside = Outside(tmp_path, package_wheel, compilation_cache)
   if outside.preinstalled:
     pytest.skip("mixskd_jax is installed in this interpreter (e.g. `pip install -e .`), so the "
                 "notebook would not install it: this test needs an environment without it.")

@@ -13,7 +13,8 @@ from flax import linen as nn
 from mixskd_jax import kl_schedule, mixing, objective
 from mixskd_jax.models import FeatureDiscriminators, ModelOutputs, SelfTeacher, build_model
 from mixskd_jax.objective import ObjectiveConfig
-from mixskd_jax.train.optimizer import partitioned, reference_sgd
+from mixskd_jax.train.optimizer import reference_sgd
+from mixskd_jax.trainable import partitioned
 
 B, C, HEADS, HW, CH = 6, 5, 3, 2, 4
 T = 3.0
@@ -231,14 +232,17 @@ def test_feature_mse_pulls_both_views(synthetic):
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_adversarial_players_have_opposite_signs(synthetic, scale):
-  """adversarial: discriminators descend the BCE (same gradient as the frozen-D variants'
-  BCE) while the features receive the negated, scaled gradient: they learn to fool D."""
-  _, g_feats_ref, _, g_d_ref = grads_by_term(synthetic, "discriminator", "full")
+  """adversarial: discriminators descend the BCE (a gradient the reversal scale does not
+  touch; `full`'s frozen discriminators get none at all) while the features receive the
+  negated, scaled gradient of `full`'s BCE: they learn to fool D."""
+  _, g_feats_ref, _, g_d_frozen = grads_by_term(synthetic, "discriminator", "full")
   _, g_feats_adv, _, g_d_adv = grads_by_term(synthetic, "discriminator", "adversarial",
                                              gradient_reversal_scale=scale)
-  assert norm(g_d_ref) > 0
+  _, _, _, g_d_unit = grads_by_term(synthetic, "discriminator", "adversarial",
+                                    gradient_reversal_scale=1.0)
+  assert norm(g_d_frozen) == 0.0 and norm(g_d_adv) > 0
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), g_d_adv,
-                         g_d_ref)
+                         g_d_unit)
   for a, r in zip(g_feats_adv, g_feats_ref):
     assert norm(r) > 0
     np.testing.assert_allclose(a, -scale * r, rtol=1e-5, atol=1e-9)

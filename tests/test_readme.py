@@ -38,8 +38,10 @@ def test_own_model_example_trains(capsys):
 
 @pytest.mark.slow
 def test_staged_backbone_example_trains(capsys):
-  """'Your backbone, branches built for you': two steps change the backbone, the branches and
-  the self-teacher but not the (frozen) discriminators; the plain network reads the backbone."""
+  """'Your backbone, branches built for you': two steps (adamw with weight decay, through
+  mixskd.optimizer) change the backbone, the branches and the self-teacher but not the
+  (frozen) discriminators; the plain network reads the backbone's params and BatchNorm
+  statistics, and its stages (which take `train`) ran in eval mode."""
   namespace = {}
   exec(compile(readme_block("staged-backbone"), "README staged-backbone", "exec"), namespace)
   model, images = namespace["model"], namespace["images"]
@@ -52,8 +54,15 @@ def test_staged_backbone_example_trains(capsys):
   assert all(changed(n) for n in ("backbone", "branches_0", "branches_1", "self_teacher"))
   assert not changed("discriminators")
   assert np.isfinite(float(namespace["terms"]["loss"])) and "clean_ce" in capsys.readouterr().out
-  np.testing.assert_allclose(namespace["logits"],
-                             model.apply(namespace["variables"], images).logits[-1], rtol=1e-5)
+  trained = namespace["variables"]
+  np.testing.assert_allclose(namespace["logits"], model.apply(trained, images).logits[-1],
+                             rtol=1e-5)
+  # Eval mode: the plain network reads the running statistics (other statistics, other logits).
+  stats = trained["batch_stats"]["backbone"]
+  other = {"params": trained["params"]["backbone"],
+           "batch_stats": jax.tree_util.tree_map(lambda v: v + 1.0, stats)}
+  assert not np.allclose(namespace["plain"].apply(other, images).logits[0], namespace["logits"],
+                         atol=1e-3)
 
 
 @pytest.mark.slow

@@ -42,6 +42,12 @@ class SelfTeacher(nn.Module):
     """features: H arrays (N, h, w, c_k) or (N, L, c_k), alike but for c_k -> (N, C) logits."""
     pooling_lib.check_head_features(features, self.pooling)
     x = jnp.concatenate([f.astype(self.dtype) for f in features], axis=-1)
+    built = _existing_shape(self, "conv", "kernel")
+    if built is not None and built[-2] != x.shape[-1]:
+      raise ValueError(f"The self-teacher was initialized for heads' features of "
+                       f"{built[-2]} channels in all, got {x.shape[-1]} "
+                       f"({[f.shape[-1] for f in features]}): initialize it with the final "
+                       "features of the network it teaches.")
     width = self.width or features[0].shape[-1]
     x = nn.Conv(width, (1,) * (x.ndim - 2), use_bias=False,
                 kernel_init=layers.torch_default_kernel_init, dtype=self.dtype, name="conv")(x)
@@ -69,5 +75,28 @@ class FeatureDiscriminators(nn.Module):
   @nn.compact
   def __call__(self, pooled: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
     """pooled: H arrays (M, c_k) -> H arrays (M, 2)."""
+    if not self.is_initializing():
+      built = [_existing_shape(self, f"disc{k}", "fc1", "kernel") for k in range(len(pooled))]
+      count = len(self.variables.get("params", {}))
+      widths = [p.shape[-1] for p in pooled]
+      if count != len(pooled) or any(b is None or b[0] != w for b, w in zip(built, widths)):
+        have = [_existing_shape(self, f"disc{k}", "fc1", "kernel") for k in range(count)]
+        raise ValueError(f"The discriminators were initialized for {count} heads of "
+                         f"{[b[0] for b in have if b is not None]} channels, got pooled features "
+                         f"of {widths}: initialize them with the pooled final features of the "
+                         "network.")
     return tuple(MLPDiscriminator(self.hidden, self.dtype, name=f"disc{k}")(p)
                  for k, p in enumerate(pooled))
+
+
+def _existing_shape(module: nn.Module, *path: str) -> tuple[int, ...] | None:
+  """Shape of an already-initialized parameter under `module` (None while initializing, or
+  when it is absent), to name a shape mismatch before Flax reports it as an initializer's."""
+  if module.is_initializing():
+    return None
+  node = module.variables.get("params", {})
+  for key in path:
+    if key not in node:
+      return None
+    node = node[key]
+  return tuple(node.shape)

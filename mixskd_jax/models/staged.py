@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ ModuleFactory = Callable[..., nn.Module]
 # head(num_classes, in_features, name=...) -> a module mapping (N, in_features) to (N, C).
 HeadFactory = Callable[..., nn.Module]
 HEAD = "fc"  # every classifier head's name: `<network or branch>/fc`
+BACKBONE = "backbone"  # the plain backbone's sub-tree in a MixSKDNetwork's variables
 
 
 def dense_head(num_classes: int, in_features: int, *, name: str) -> nn.Module:
@@ -69,7 +70,12 @@ def call_stage(module: nn.Module, x: jax.Array, train: bool) -> jax.Array:
 
 def classify(head: HeadFactory, num_classes: int, pooling: str, x: jax.Array) -> jax.Array:
   """Inside a compact method: the head `fc` on the pooled final features -> (N, num_classes)."""
-  return head(num_classes, x.shape[-1], name=HEAD)(pooling_lib.pool(x, pooling))
+  logits = head(num_classes, x.shape[-1], name=HEAD)(pooling_lib.pool(x, pooling))
+  if logits.shape[-1] != num_classes:
+    raise ValueError(f"The head factory gave {logits.shape[-1]} outputs for num_classes="
+                     f"{num_classes}: it is called as head(num_classes, in_features, name=...) "
+                     "and must return a module with num_classes outputs.")
+  return logits
 
 
 class StagedClassifier(nn.Module):
@@ -230,3 +236,20 @@ def staged_classifier(stages: Sequence[nn.Module | ModuleFactory], num_classes: 
   stages, stem = _factories(stages, stem)
   return StagedClassifier(stages=stages, num_classes=num_classes, stem=stem, head=head,
                           pooling=pooling_lib.check_pooling(pooling), dtype=dtype)
+
+
+def backbone_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+  """A `MixSKDNetwork`'s variables -> the plain backbone's, for `staged_classifier(...)`.
+
+  Every collection's `backbone` sub-tree: `params`, and `batch_stats` when the stages have
+  BatchNorm (a plain network in eval mode reads its running statistics; without them Flax
+  raises ScopeCollectionNotFound).
+
+  Args:
+    variables: {'params': {'backbone': ..., 'branches_0': ..., ...}, 'batch_stats': ...}.
+  """
+  if BACKBONE not in variables.get("params", {}):
+    raise ValueError(f"variables['params'] has no {BACKBONE!r} sub-tree (it has "
+                     f"{sorted(variables.get('params', {}))}): pass a MixSKD network's "
+                     "variables, as `mixskd_network(...).init` returns them.")
+  return {c: tree[BACKBONE] for c, tree in variables.items() if BACKBONE in tree}

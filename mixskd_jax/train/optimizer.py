@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import optax
 
-from mixskd_jax.objective import FROZEN, TRAINABLE
+from mixskd_jax.trainable import partitioned
 from mixskd_jax.train.schedule import reference_schedule
 
 if TYPE_CHECKING:  # `import mixskd_jax` needs only JAX, Flax and optax (a bare Colab has them)
@@ -20,16 +20,6 @@ def reference_sgd(learning_rate: optax.ScalarOrSchedule, *, momentum: float, nes
   before the momentum trace (coupled L2), and optax's trace matches PyTorch's (dampening 0)."""
   return optax.chain(optax.add_decayed_weights(weight_decay),
                      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
-
-
-def partitioned(tx: optax.GradientTransformation, partition: Any) -> optax.GradientTransformation:
-  """Applies `tx` to TRAINABLE leaves and a zero update (no decay, no momentum) to FROZEN ones.
-
-  Args:
-    tx: the optimizer of the trained parameters.
-    partition: pytree of TRAINABLE / FROZEN labels, e.g. `objective.parameter_partition`.
-  """
-  return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, partition)
 
 
 def build_optimizer(config: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int,

@@ -36,7 +36,8 @@ from etils import epath
 from flax import traverse_util
 
 from mixskd_jax.interop.checkpoint_io import load_converted
-from mixskd_jax.models.staged import HEAD
+from mixskd_jax.models import staged
+from mixskd_jax.models.staged import BACKBONE, HEAD
 from mixskd_jax.train import checkpoint_digest
 from mixskd_jax.train import workdir as workdir_lib
 from mixskd_jax.train.preflight import PreflightError
@@ -46,7 +47,6 @@ CONFIG_FILE = "config.json"      # train/run_guard.py's
 CONVERTED_METADATA = "model.json"  # interop/checkpoint_io.py's
 ITEM_DIR = "default"  # where a CheckpointManager with one unnamed item puts its arrays
 COLLECTIONS = ("params", "batch_stats")
-BACKBONE = "backbone"  # a MixSKD network's plain backbone (models/staged.py)
 
 
 class PretrainedError(PreflightError, ValueError):
@@ -79,7 +79,7 @@ def backbone_variables(trained: Trained) -> dict:
   included): a MixSKD network's `backbone` sub-tree, a plain model's whole tree."""
   if not trained.mixskd:
     return trained.variables
-  return {c: tree[BACKBONE] for c, tree in trained.variables.items() if BACKBONE in tree}
+  return staged.backbone_variables(trained.variables)
 
 
 def transfer(target: dict, trained: Trained, *, mixskd: bool, model_name: str,
