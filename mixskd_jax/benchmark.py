@@ -4,7 +4,9 @@ r"""How fast a config's train step runs, against the machine's limit and a plain
       --json_out=/tmp/bench.json [--steps=10 --warmup=2 --skip_ce --skip_pipeline]
 
 Any config field can be overridden as in training (`--config.model.dtype=bfloat16`).
-From Python: `print(format_table(run_benchmark(config)))`.
+From Python: `print(format_table(run_benchmark(config)))`. `--against=torch [--rounds=3]` times
+the step side by side with the PyTorch implementation of the same network instead
+(`benchmark_torch.py`).
 
 What is measured, for the config's train step and for the plain cross-entropy step of the same
 backbone and batch (`recipes.with_method(config, "cross_entropy")`):
@@ -110,13 +112,33 @@ def _build(config: ml_collections.ConfigDict, mesh) -> tuple[ml_collections.Conf
                                      num_epochs=max(config.num_epochs, 1))
 
 
-def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
-                 peak_flops_per_s: float | None = None) -> dict[str, Any]:
-  """Compile and time `config`'s train step (see the module docstring).
+class StepRunner:
+  """Times a compiled train step again and again on one state (the state is donated, so each
+  call keeps the newest): what alternating rounds against another implementation need."""
 
-  `steps=0` compiles and analyses only (AOT: no state is allocated, nothing runs), which is
-  how memory is read for batches this machine could not run.
-  """
+  def __init__(self, compiled, init_state, batch, key, mesh):
+    self._compiled, self._init_state, self._mesh = compiled, init_state, mesh
+    self._batch, self._key = batch, key
+    self._state = None
+
+  def time(self, *, steps: int, warmup: int) -> list[float]:
+    """Seconds of each of `steps` steps after `warmup` untimed ones."""
+    repl, data = sharding.replicated(self._mesh), sharding.data_sharding(self._mesh)
+    if self._state is None:
+      # Parameters from an "rbg" key: the same initializers, values that do not change the
+      # step's cost, and an init that compiles ~3x faster than with the default threefry key.
+      self._state = self._init_state(jax.random.key(0, impl="rbg"))
+      local = self._batch if jax.process_count() == 1 else _local_slice(self._batch)
+      self._batch = sharding.to_global(local, data)
+      self._key = jax.device_put(self._key, repl)
+    times, self._state = _time_steps(self._compiled, self._state, self._batch, self._key,
+                                     steps=steps, warmup=warmup)
+    return times
+
+
+def compile_step(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], StepRunner]:
+  """Compiles `config`'s train step as the trainer does (AOT: nothing is allocated yet) and
+  returns (its analysis: compile times, FLOPs, memory, communication; a StepRunner)."""
   mesh = sharding.make_mesh()
   config, built = _build(config, mesh)
   step, init_state = built.train_step, built.init_state
@@ -134,7 +156,6 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: 
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  flops = _flops(compiled.cost_analysis())
   out = {"method": config.get("method") or ("mixskd" if config.model.mixskd else
                                             "cross_entropy"),
          "model": config.model.name, "dtype": config.model.dtype,
@@ -142,21 +163,29 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: 
          "mix_groups": config.objective.mix_groups,
          "batchnorm_groups": config.model.batchnorm_groups,
          "lower_s": t1 - t0, "compile_s": t2 - t1,
-         "flops_per_step_per_device": flops, "memory": _memory(compiled),
+         "flops_per_step_per_device": _flops(compiled.cost_analysis()),
+         "memory": _memory(compiled),
          "communication": collectives.communication(compiled),
          "parameter_bytes": sum(x.size * x.dtype.itemsize for x in
                                 jax.tree_util.tree_leaves(abstract_state.params))}
+  return out, StepRunner(compiled, init_state, batch, key, mesh)
+
+
+def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
+                 peak_flops_per_s: float | None = None) -> dict[str, Any]:
+  """Compile and time `config`'s train step (see the module docstring).
+
+  `steps=0` compiles and analyses only (AOT: no state is allocated, nothing runs), which is
+  how memory is read for batches this machine could not run.
+  """
+  out, runner = compile_step(config)
   if steps <= 0:
     return out
-  # Parameters from an "rbg" key: the same initializers, values that do not change the step's
-  # cost, and an init that compiles ~3x faster than with the default threefry key.
-  state = init_state(jax.random.key(0, impl="rbg"))
-  local = batch if jax.process_count() == 1 else _local_slice(batch)
-  times = _time_steps(compiled, state, sharding.to_global(local, data),
-                      jax.device_put(key, repl), steps=steps, warmup=warmup)
+  times = runner.time(steps=steps, warmup=warmup)
   median = statistics.median(times)
+  flops = out["flops_per_step_per_device"]
   out.update(step_s={"median": median, "min": min(times), "max": max(times), "all": times},
-             clean_images_per_s=config.batch_size / median)
+             clean_images_per_s=out["batch_size"] / median)
   if flops is not None:
     out["achieved_gflops_per_device"] = flops / median / 1e9
     if peak_flops_per_s:
@@ -164,9 +193,11 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: 
   return out
 
 
-def _time_steps(compiled, state, batch, root_key, *, steps: int, warmup: int) -> list[float]:
-  """Seconds of each of `steps` calls after `warmup` untimed ones, each waited for: the host
-  neither dispatches ahead nor overlaps steps, so a step's time is its own."""
+def _time_steps(compiled, state, batch, root_key, *, steps: int, warmup: int
+                ) -> tuple[list[float], Any]:
+  """(seconds of each of `steps` calls after `warmup` untimed ones, the last state); each call
+  is waited for: the host neither dispatches ahead nor overlaps steps, so a step's time is
+  its own."""
   for _ in range(warmup):
     state, _ = compiled(state, batch, root_key)
   jax.block_until_ready(state)
@@ -176,7 +207,7 @@ def _time_steps(compiled, state, batch, root_key, *, steps: int, warmup: int) ->
     state, metrics = compiled(state, batch, root_key)  # the state is donated: keep the new one
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
-  return times
+  return times, state
 
 
 def _local_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -332,12 +363,36 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if f.against == "torch":
+    _main_against_torch(f)
+    return
   result = run_benchmark(f.config, steps=f.steps, warmup=f.warmup, skip_ce=f.skip_ce,
                          skip_pipeline=f.skip_pipeline, peak_gflops=f.peak_gflops,
                          probe_size=f.probe_size, pipeline_batches=f.pipeline_batches,
-                         pipeline_mock_examples=f.pipeline_mock_examples, json_out=f.json_out, label=_config_label())
+                         pipeline_mock_examples=f.pipeline_mock_examples, json_out=f.json_out,
+                         label=_config_label())
   print(format_table(result))
   if f.json_out:
+    print(f"\nwrote {f.json_out}")
+
+
+def _main_against_torch(f) -> None:
+  """`--against=torch`: the side-by-side comparison (benchmark_torch.py); a config it cannot
+  compare, or no PyTorch, is one line on stderr and exit status 2."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from mixskd_jax import benchmark_torch  # pylint: disable=import-outside-toplevel
+  try:
+    result = benchmark_torch.compare_with_torch(f.config, rounds=f.rounds, steps=f.steps,
+                                                warmup=f.warmup, skip_ce=f.skip_ce,
+                                                label=_config_label())
+  except (benchmark_torch.TorchUnavailable, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(benchmark_torch.format_comparison(result))
+  if f.json_out:
+    os.makedirs(os.path.dirname(os.path.abspath(f.json_out)), exist_ok=True)
+    with open(f.json_out, "w") as out:
+      json.dump(result, out, indent=2, sort_keys=True)
     print(f"\nwrote {f.json_out}")
 
 
@@ -366,6 +421,10 @@ if __name__ == "__main__":
   flags.DEFINE_float("peak_gflops", None, "Peak GFLOP/s per device to compare with (default: "
                      "datasheet bf16 peak of known accelerators, else a float32 matmul probe).")
   flags.DEFINE_integer("probe_size", None, "Matmul probe size (default 2048 on CPU, 8192 else).")
+  flags.DEFINE_enum("against", "", ["", "torch"],
+                    "torch: time the step side by side with the PyTorch implementation of the "
+                    "same network and objective (benchmark_torch.py); --steps per round.")
+  flags.DEFINE_integer("rounds", 3, "--against: alternating rounds of --steps timed steps.")
   flags.DEFINE_integer("pipeline_batches", 20, "Batches the input pipeline is timed over.")
   flags.DEFINE_integer("pipeline_mock_examples", 0,
                        "> 0: time the pipeline on that many tfds mock images of the real shape "

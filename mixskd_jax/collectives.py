@@ -89,3 +89,29 @@ def communication(compiled: Any) -> dict[str, Any]:
           "total_bytes": sum(v["bytes"] for v in by_kind.values()),
           "data_moving_bytes": sum(v["bytes"] for k, v in by_kind.items()
                                    if k in DATA_MOVING_KINDS)}
+
+
+# Far below any activation of the configs' steps (one CIFAR image's 32x32x64 stem map is
+# 256 kB in float32), above the handful of scalars and per-group index vectors a step may
+# exchange.
+SMALL_BYTES = 16 * 1024
+
+
+def activation_check(communication: dict[str, Any], parameter_bytes: int,
+                     small_bytes: int = SMALL_BYTES) -> dict[str, Any]:
+  """Whether a step's collectives (`communication(...)`) move activations between devices.
+
+  Returns:
+    {"largest_data_moving_bytes": the largest all-gather / all-to-all / permute / broadcast,
+     "all_reduce_bytes", "parameter_bytes",
+     "moves_activations": a data-moving collective over `small_bytes`, or more bytes in all
+     than the parameters' (the gradient all-reduce) plus 64 small ones}.
+  """
+  moving = [v["max_bytes"] for k, v in communication["by_kind"].items()
+            if k in DATA_MOVING_KINDS]
+  largest = max(moving, default=0)
+  return {"largest_data_moving_bytes": largest,
+          "all_reduce_bytes": communication["by_kind"].get("all-reduce", {}).get("bytes", 0),
+          "parameter_bytes": parameter_bytes,
+          "moves_activations": bool(largest > small_bytes or communication["total_bytes"]
+                                    > parameter_bytes + 64 * small_bytes)}

@@ -3,9 +3,23 @@ and the two tiers: tests marked `slow` (end-to-end training, multi-process, note
 subprocess compiles, live PyTorch comparisons) run only with `--slow` or MIXSKD_SLOW_TESTS=1."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# One persistent JAX compilation cache for the whole run: the pytest processes (with -n 2, the
+# controller makes it and both workers inherit it) and every training process a test starts
+# compile a program once. The suite is CPU-bound on 2 cores and much of it is compiling the
+# same small models. A cached executable computes exactly what a fresh compile does.
+CACHE_ENV = "MIXSKD_TEST_COMPILE_CACHE"
+if CACHE_ENV not in os.environ:
+  os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="mixskd_test_jax_cache_")
+  _OWNS_CACHE = True
+else:
+  _OWNS_CACHE = False
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ[CACHE_ENV])
 
 if os.environ.get("MIXSKD_REQUIRE_TORCH"):
   import torch  # noqa: F401  (fail loudly instead of skipping the PyTorch comparisons)
@@ -34,19 +48,18 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip)
 
 
+def pytest_unconfigure(config):
+  del config
+  if _OWNS_CACHE:
+    shutil.rmtree(os.environ[CACHE_ENV], ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def subprocess_compile_cache(tmp_path_factory):
-  """JAX's persistent compilation cache for the training processes a test starts (set in the
-  environment they inherit; this process's JAX read its settings at import): processes that
-  compile the same programs compile them once, ~5 s saved each. A cached executable computes
-  exactly what a fresh compile does: the bit-identical resume comparisons hold either way."""
-  previous = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-  yield os.environ["JAX_COMPILATION_CACHE_DIR"]
-  if previous is None:
-    del os.environ["JAX_COMPILATION_CACHE_DIR"]
-  else:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = previous
+def subprocess_compile_cache():
+  """The run's persistent compilation cache (above), which the training processes a test
+  starts inherit: processes that compile the same programs compile them once, ~5 s saved
+  each, and the bit-identical resume comparisons hold either way."""
+  return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 @pytest.fixture

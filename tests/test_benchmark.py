@@ -11,6 +11,8 @@ import dataclasses
 import gzip
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -265,3 +267,82 @@ def test_compiler_options_follow_the_config():
   with pytest.raises(ValueError, match="config.model.cpu_convolutions"):
     compiler_options(_model_config(cpu_convolutions="onednn"))
   assert not xla_options._accepted("xla_no_such_option", True)  # left out, not an error
+
+
+def _benchmark_command(*args, env=None):
+  """`python -m mixskd_jax.benchmark ...` from the repository root, one CPU device."""
+  root = os.path.join(os.path.dirname(__file__), os.pardir)
+  environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  environment.update(env or {})
+  return subprocess.run([sys.executable, "-m", "mixskd_jax.benchmark", *args], cwd=root,
+                        env=environment, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_side_by_side_with_torch_runs_both_sides_on_the_same_loss(tmp_path):
+  """--against=torch: MixSKD (full) and plain CE, ours and PyTorch NCHW/channels_last in
+  alternating rounds; both sides compute the same loss from the same weights (float32
+  rounding); the JSON holds per-round ratios, peak memory and probe fractions; the table
+  prints. Nothing about speed is asserted."""
+  pytest.importorskip("torch")
+  out = tmp_path / "side.json"
+  proc = _benchmark_command("--config=configs/cifar100_resnet18_mixskd.py",
+                            "--config.batch_size=4", "--against=torch", "--rounds=2",
+                            "--steps=1", "--warmup=1", f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert set(result["steps_compared"]) == {"mixskd", "cross_entropy"}
+  for name, step in result["steps_compared"].items():
+    loss = step["same_batch_loss"]
+    assert loss["relative_difference"] < 1e-5, (name, loss)
+    assert loss["torch"] > 0
+    assert set(step["sides"]) == {"ours", "nchw", "channels_last"}
+    for side, s in step["sides"].items():
+      assert len(s["all"]) == 2 and 0 < s["min"] <= s["median"] <= s["max"]
+      assert s["peak_bytes"] > 0 and 0 < s["fraction_of_matmul_probe"]
+      if side != "ours":
+        assert len(s["ratio_over_ours"]["rounds"]) == 2
+  # MixSKD runs 2B rows through four heads: more FLOPs than the plain step of the backbone.
+  assert (result["steps_compared"]["mixskd"]["flops_per_step"]
+          > 2 * result["steps_compared"]["cross_entropy"]["flops_per_step"])
+  assert "loss on one batch from the same weights" in proc.stdout
+  assert "PyTorch channels_last" in proc.stdout
+
+
+@pytest.mark.slow
+def test_side_by_side_refusals_are_one_line(tmp_path):
+  """No PyTorch: one line saying how to install its CPU build; a model the PyTorch side does
+  not implement: one line naming the models it does. Both exit with status 2."""
+  blocked = tmp_path / "no_torch"
+  blocked.mkdir()
+  (blocked / "torch.py").write_text("raise ImportError('PyTorch is not installed here')\n")
+  proc = _benchmark_command("--config=configs/cifar100_resnet18_mixskd.py", "--against=torch",
+                            env={"PYTHONPATH": str(blocked)})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      "error: --against=torch needs PyTorch: pip install torch --index-url "
+      "https://download.pytorch.org/whl/cpu"]
+  proc = _benchmark_command("--config=configs/default.py", "--against=torch")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "error: --against=torch covers config.model.name in ['cifar_resnet18', 'cifar_resnet50', "
+      "'imagenet_resnet50'] (the official MixSKD ResNets); got 'small_resnet'."]
+
+
+@pytest.mark.slow
+def test_device_check_script_runs_on_cpu_with_fake_devices(tmp_path):
+  """experiments/device_check.sh, as a GPU machine would run it, at CPU size: the bf16 steps
+  are measured against a peak, and the 8-device compile is checked for moved activations
+  (here on 8 fake CPU devices)."""
+  root = os.path.join(os.path.dirname(__file__), os.pardir)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(CONFIG="configs/default.py", BATCH="16", STEPS="1", SKIP_TORCH="1")
+  proc = subprocess.run(["bash", "experiments/device_check.sh", str(tmp_path)], cwd=root,
+                        env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  bf16 = json.loads((tmp_path / "bf16.json").read_text())
+  assert bf16["config"]["dtype"] == "bfloat16" and bf16["config"]["batch_size"] == 16
+  assert bf16["step"]["fraction_of_peak"] > 0 and bf16["ce_step"]["step_s"]["median"] > 0
+  check = (tmp_path / "communication_8_check.txt").read_text()
+  assert check.startswith("8 devices, 8 mix groups") and "no activations move" in check
+  assert "skipped (SKIP_TORCH=1)" in (tmp_path / "side_by_side.txt").read_text()

@@ -16,9 +16,6 @@ from mixskd_jax import benchmark, collectives
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 RUNNER = os.path.join(os.path.dirname(__file__), "compile_runner.py")
 CONFIGS = ("configs/cifar100_resnet18_mixskd.py", "configs/imagenet_resnet50_mixskd.py")
-# Far below any activation of these steps (one CIFAR image's 32x32x64 stem map is 256 kB in
-# float32), above the handful of scalars and per-group index vectors a step may exchange.
-SMALL = 16 * 1024
 
 HLO = """
 HloModule m
@@ -51,13 +48,25 @@ def load(path):
 
 
 def assert_moves_no_activations(step, devices):
-  comm = step["communication"]
   assert step["devices"] == devices
-  moving = {k: v for k, v in comm["by_kind"].items() if k in collectives.DATA_MOVING_KINDS}
-  assert all(v["max_bytes"] <= SMALL for v in moving.values()), moving
-  # The gradient all-reduce: never more than the parameters (frozen ones send nothing).
-  assert comm["total_bytes"] <= step["parameter_bytes"] + SMALL * 64, comm
-  assert comm["by_kind"]["all-reduce"]["bytes"] >= 0.5 * step["parameter_bytes"]
+  check = collectives.activation_check(step["communication"], step["parameter_bytes"])
+  # Nothing but small exchanges and the gradient all-reduce, which never exceeds the
+  # parameters (frozen ones send nothing) and carries at least half of them.
+  assert not check["moves_activations"], (check, step["communication"])
+  assert check["all_reduce_bytes"] >= 0.5 * step["parameter_bytes"], check
+
+
+def test_activation_check_flags_a_large_gather_and_an_oversized_total():
+  small = collectives.SMALL_BYTES
+  quiet = {"by_kind": {"all-reduce": {"count": 1, "bytes": 1000, "max_bytes": 1000},
+                       "all-gather": {"count": 1, "bytes": small, "max_bytes": small}},
+           "total_bytes": 1000 + small}
+  assert not collectives.activation_check(quiet, 1000)["moves_activations"]
+  gather = {**quiet, "by_kind": {**quiet["by_kind"], "all-gather": {
+      "count": 1, "bytes": small + 1, "max_bytes": small + 1}}}
+  assert collectives.activation_check(gather, 1000)["moves_activations"]
+  assert collectives.activation_check({**quiet, "total_bytes": 1000 + 64 * small + 1},
+                                      1000)["moves_activations"]
 
 
 @pytest.mark.slow
@@ -96,4 +105,4 @@ def test_configs_compile_on_a_slice(devices):
           cifar["batchnorm_groups"]) == (devices, 64, 8, 1)
   assert cifar["communication"]["data_moving_bytes"] > 0
   assert cifar["communication"]["by_kind"]["all-reduce"]["bytes"] <= (
-      cifar["parameter_bytes"] + SMALL * 64)
+      cifar["parameter_bytes"] + collectives.SMALL_BYTES * 64)

@@ -12,7 +12,7 @@ from flax import traverse_util
 
 from mixskd_jax.interop import keymap
 from mixskd_jax.models.heads import FeatureDiscriminators
-from mixskd_jax.models.staged import MixSKDNetwork
+from mixskd_jax.models.staged import MixSKDNetwork, backbone_variables
 
 Variables = dict[str, Any]
 
@@ -137,7 +137,6 @@ def export_backbone(variables: Mapping[str, Any]) -> Variables:
   """The plain backbone of a MixSKD model's variables (no branches, self-teacher, discriminators).
 
   The result is exactly the variables of `build_model(name, num_classes, mixskd=False)`,
-  the network used for inference and transfer.
+  the network used for inference and transfer (`mixskd_jax.backbone_variables`).
   """
-  return {collection: tree["backbone"] for collection, tree in variables.items()
-          if "backbone" in tree}
+  return backbone_variables(variables)

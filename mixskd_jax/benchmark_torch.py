@@ -1,0 +1,334 @@
+r"""Our train step against the PyTorch implementation of the same network and objective, side
+by side in one process:
+
+  python -m mixskd_jax.benchmark --config=configs/cifar100_resnet18_mixskd.py \
+      --config.batch_size=64 --against=torch [--rounds=3 --steps=5 --warmup=2]
+
+For the config's MixSKD step and for the plain cross-entropy step of the same backbone, the
+sides run in alternating rounds (ours, PyTorch NCHW, PyTorch channels_last; `rounds` rounds of
+`steps` timed steps each, after `warmup` untimed ones per side), on the same batch shape,
+float32, and the same number of threads. PyTorch's side is `interop.torch_reference`, the
+project's independent implementation of the official model and objective (spec §A-B), with
+the official optimizer (Nesterov SGD, coupled weight decay). Printed per side: the median step
+and its min/max over all steps, each round's PyTorch/ours ratio, peak memory, and the fraction
+of the float32 matmul probe (both sides against the same probe, FLOPs from XLA's analysis of
+our step: the same network). Before timing, both sides compute the loss of one batch from the
+same weights (PyTorch's, converted), which must agree to float32 rounding.
+
+PyTorch is optional (test-only): without it, `--against=torch` stops with one line saying how
+to install its CPU build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mixskd_jax import benchmark, benchmark_host, objective, recipes
+from mixskd_jax.data import datasets
+from mixskd_jax.mixing import MixParams
+
+INSTALL_TORCH = ("--against=torch needs PyTorch: pip install torch --index-url "
+                 "https://download.pytorch.org/whl/cpu")
+# config.model.name -> (torch_reference builder, its arguments after num_classes)
+TORCH_MODELS = {"cifar_resnet18": ("build_cifar_mixskd", (18,)),
+                "cifar_resnet50": ("build_cifar_mixskd", (50,)),
+                "imagenet_resnet50": ("build_imagenet_mixskd_resnet50", ())}
+# The objective variant -> the official script's loss (interop.torch_reference.reference_terms).
+TORCH_LOSSES = {"reference_cifar": "loss_cifar", "full": "loss_imagenet"}
+LAYOUTS = ("nchw", "channels_last")
+
+
+class TorchUnavailable(RuntimeError):
+  """PyTorch is not installed; the message says how to install it."""
+
+
+def _torch():
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise TorchUnavailable(INSTALL_TORCH) from e
+  from mixskd_jax.interop import torch_reference  # pylint: disable=import-outside-toplevel
+  return torch, torch_reference
+
+
+def check_comparable(config: ml_collections.ConfigDict) -> None:
+  """Refuses, in one line, a config the PyTorch side does not implement."""
+  if config.model.name not in TORCH_MODELS:
+    raise ValueError(f"--against=torch covers config.model.name in {sorted(TORCH_MODELS)} "
+                     f"(the official MixSKD ResNets); got {config.model.name!r}.")
+  if config.model.mixskd and config.objective.variant not in TORCH_LOSSES:
+    raise ValueError(f"--against=torch covers config.objective.variant in "
+                     f"{sorted(TORCH_LOSSES)} (the official scripts); got "
+                     f"{config.objective.variant!r}.")
+  if config.model.dtype != "float32":
+    raise ValueError("--against=torch compares float32 steps: set --config.model.dtype=float32.")
+
+
+class TorchSide:
+  """The PyTorch model, discriminators and official optimizer, and one step of MixSKD or CE."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, seed: int = 0):
+    torch, ref = _torch()
+    self.torch, self.ref = torch, ref
+    torch.manual_seed(seed)
+    # Where JAX runs on a GPU, PyTorch's side does too (if its build has CUDA).
+    self.device = torch.device("cuda" if jax.default_backend() == "gpu"
+                               and torch.cuda.is_available() else "cpu")
+    spec = datasets.get_spec(config.data.name)
+    builder, args = TORCH_MODELS[config.model.name]
+    self.model = getattr(ref, builder)(*args, spec.num_classes).to(self.device)
+    # One discriminator per head, on the pooled final features (the backbone's last width).
+    self.discriminators = [d.to(self.device) for d in ref.make_discriminators(
+        self.model.backbone.fc.in_features, config.model.discriminator_hidden)]
+    self.mixskd, self.temperature = bool(config.model.mixskd), config.objective.temperature
+    self.loss_name = TORCH_LOSSES.get(config.objective.variant)
+    opt = config.optimizer
+    self.optimizer = torch.optim.SGD(self.model.parameters(), lr=opt.learning_rate,
+                                     momentum=opt.momentum, nesterov=opt.nesterov,
+                                     weight_decay=opt.weight_decay)
+    rng = np.random.default_rng(seed)
+    b = config.batch_size
+    h, w, c = spec.image_shape
+    self.images = rng.standard_normal((b, h, w, c)).astype(np.float32)   # normalized, NHWC
+    self.labels = rng.integers(0, spec.num_classes, b).astype(np.int64)
+    self.lam, self.perm = 0.3, rng.permutation(b)
+    self.layout = "nchw"
+
+  def set_layout(self, layout: str) -> None:
+    """"nchw" (the official code) or "channels_last" (PyTorch's NHWC kernels)."""
+    fmt = {"nchw": self.torch.contiguous_format, "channels_last": self.torch.channels_last}
+    self.model.to(memory_format=fmt[layout])
+    self.layout = layout
+
+  def _inputs(self):
+    torch = self.torch
+    x = torch.from_numpy(self.images).permute(0, 3, 1, 2).contiguous().to(self.device)
+    if self.layout == "channels_last":
+      x = x.to(memory_format=torch.channels_last)
+    return (x, torch.from_numpy(self.labels).to(self.device),
+            torch.from_numpy(self.perm).to(self.device))
+
+  def loss(self):
+    """The step's loss on the batch (train mode: BatchNorm over the batch), differentiable."""
+    x, y, perm = self._inputs()
+    if self.mixskd:
+      terms = self.ref.reference_terms(self.model, self.discriminators, x, y, self.lam, perm,
+                                       T=self.temperature)
+      return terms[self.loss_name]
+    self.model.train()
+    logits, _ = self.model.backbone(x)
+    return self.torch.nn.functional.cross_entropy(logits, y)
+
+  def step(self) -> None:
+    """One training step: forward, backward, the official SGD update."""
+    loss = self.loss()
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    self.optimizer.step()
+
+  def _sync(self) -> None:
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize()
+
+  def time(self, *, steps: int, warmup: int) -> list[float]:
+    """Seconds of each of `steps` steps after `warmup` untimed ones, each waited for."""
+    for _ in range(warmup):
+      self.step()
+    self._sync()
+    times = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      self.step()
+      self._sync()
+      times.append(time.perf_counter() - t)
+    return times
+
+  def persistent_bytes(self) -> int:
+    """Parameters, buffers, gradients and momentum: what lives between steps."""
+    tensors = list(self.model.parameters()) + list(self.model.buffers())
+    # One gradient per parameter, freed by zero_grad(set_to_none) and allocated again in the
+    # backward pass, so the profiled step counts them too: the sum slightly overstates.
+    tensors += [p for p in self.model.parameters()]
+    tensors += [s["momentum_buffer"] for s in self.optimizer.state.values()
+                if s.get("momentum_buffer") is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+  def peak_step_bytes(self) -> int:
+    """Peak of the bytes one step allocates beyond what lives between steps, read from
+    PyTorch's profiler (allocations and frees in time order); on a GPU, CUDA's own count."""
+    if self.device.type == "cuda":
+      self.torch.cuda.reset_peak_memory_stats()
+      before = self.torch.cuda.memory_allocated()
+      self.step()
+      self._sync()
+      return self.torch.cuda.max_memory_allocated() - before
+    profiler = self.torch.profiler
+    with _stderr_silenced(), profiler.profile(activities=[profiler.ProfilerActivity.CPU],
+                                              profile_memory=True) as prof:
+      self.step()
+    # "[memory]" records are single allocations (+) and frees (-); op events aggregate them.
+    events = sorted((e for e in prof.events() if e.name == "[memory]"),
+                    key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+      live += e.cpu_memory_usage
+      peak = max(peak, live)
+    return peak
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+  """File descriptor 2 to /dev/null: PyTorch's profiler (Kineto) prints a line to it at every
+  start and stop, from C++, whatever the log level."""
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as null:
+      os.dup2(null.fileno(), 2)
+      yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def same_batch_losses(config: ml_collections.ConfigDict, side: TorchSide) -> dict[str, float]:
+  """Our loss on PyTorch's batch from PyTorch's current weights (converted), with its lam and
+  permutation, next to PyTorch's: {"ours", "torch", "relative_difference"}."""
+  from mixskd_jax.interop import convert_state_dict  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.models import build_model  # pylint: disable=import-outside-toplevel
+  torch = side.torch
+  side.set_layout("nchw")
+  state = {k: v.detach().cpu().numpy() for k, v in side.model.state_dict().items()}
+  for k, d in enumerate(side.discriminators):
+    state.update({f"discriminators.{k}.{n}": v.detach().cpu().numpy()
+                  for n, v in d.state_dict().items()})
+  num_classes = datasets.get_spec(config.data.name).num_classes
+  model = build_model(config.model.name, num_classes,
+                      discriminator_hidden=config.model.discriminator_hidden)
+  variables = convert_state_dict(state, model)
+  images, labels = jnp.asarray(side.images), jnp.asarray(side.labels.astype(np.int32))
+  with torch.no_grad():
+    theirs = float(side.loss())
+  if side.mixskd:
+    mix = MixParams(lam=jnp.float32(side.lam), perm=jnp.asarray(side.perm, jnp.int32))
+    obj = objective.ObjectiveConfig.for_variant(config.objective.variant,
+                                                temperature=config.objective.temperature)
+    ours = float(objective.apply_mixskd(model, variables, images, labels, mix, obj)[0])
+  else:
+    from mixskd_jax import losses  # pylint: disable=import-outside-toplevel
+    from mixskd_jax.interop import export_backbone  # pylint: disable=import-outside-toplevel
+    plain = build_model(config.model.name, num_classes, mixskd=False)
+    outputs, _ = plain.apply(export_backbone(variables), images, train=True,
+                             mutable=["batch_stats"])
+    ours = float(jnp.mean(losses.cross_entropy(outputs.logits[-1], labels)))
+  return {"ours": ours, "torch": theirs,
+          "relative_difference": abs(ours - theirs) / max(abs(theirs), 1e-12)}
+
+
+def _stats(times: list[float]) -> dict[str, Any]:
+  return {"median": statistics.median(times), "min": min(times), "max": max(times),
+          "all": times}
+
+
+def compare_step(config: ml_collections.ConfigDict, *, rounds: int, steps: int, warmup: int,
+                 probe_gflops: float) -> dict[str, Any]:
+  """One method's step, ours against PyTorch NCHW and channels_last (module docstring)."""
+  side = TorchSide(config)
+  result = {"same_batch_loss": same_batch_losses(config, side)}
+  ours_info, runner = benchmark.compile_step(config)
+  flops = ours_info["flops_per_step_per_device"]
+  per_round: dict[str, list[list[float]]] = {"ours": [], **{k: [] for k in LAYOUTS}}
+  for r in range(rounds):
+    per_round["ours"].append(runner.time(steps=steps, warmup=warmup if r == 0 else 1))
+    for layout in LAYOUTS:
+      side.set_layout(layout)
+      per_round[layout].append(side.time(steps=steps, warmup=warmup if r == 0 else 1))
+  sides = {}
+  for name, rounds_times in per_round.items():
+    times = [t for rt in rounds_times for t in rt]
+    stats = _stats(times)
+    if flops is not None:
+      stats["fraction_of_matmul_probe"] = flops / stats["median"] / (probe_gflops * 1e9)
+    sides[name] = stats
+  ours_rounds = [statistics.median(t) for t in per_round["ours"]]
+  for layout in LAYOUTS:
+    ratios = [statistics.median(t) / o for t, o in zip(per_round[layout], ours_rounds)]
+    sides[layout]["ratio_over_ours"] = {"median": statistics.median(ratios),
+                                        "min": min(ratios), "max": max(ratios),
+                                        "rounds": ratios}
+  side.set_layout("nchw")
+  sides["ours"]["peak_bytes"] = ours_info["memory"].get("peak_bytes")
+  persistent = side.persistent_bytes()
+  for layout in LAYOUTS:
+    side.set_layout(layout)
+    sides[layout]["peak_bytes"] = persistent + side.peak_step_bytes()
+  result.update(sides=sides, flops_per_step=flops, method=ours_info["method"])
+  return result
+
+
+def compare_with_torch(config: ml_collections.ConfigDict, *, rounds: int = 3, steps: int = 5,
+                       warmup: int = 2, skip_ce: bool = False, label: str = ""
+                       ) -> dict[str, Any]:
+  """The config's step and (unless `skip_ce`) the plain CE step of the same backbone, each
+  against PyTorch (module docstring); the results as a dict for `format_comparison`."""
+  check_comparable(config)
+  torch, _ = _torch()
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  torch.set_num_threads(threads)
+  probe = benchmark_host.matmul_probe(2048, iterations=1)
+  steps_to_compare = [config]
+  if not skip_ce and config.model.mixskd:
+    steps_to_compare.append(recipes.with_method(config, "cross_entropy"))
+  result = {"label": label, "machine": benchmark_host.device_info(), "threads": threads,
+            "torch": torch.__version__, "jax": jax.__version__, "probe": probe,
+            "rounds": rounds, "steps": steps, "warmup": warmup,
+            "config": {"model": config.model.name, "data": config.data.name,
+                       "variant": config.objective.variant, "batch_size": config.batch_size},
+            "steps_compared": {}}
+  for c in steps_to_compare:
+    name = "mixskd" if c.model.mixskd else "cross_entropy"
+    result["steps_compared"][name] = compare_step(c, rounds=rounds, steps=steps, warmup=warmup,
+                                                  probe_gflops=probe["gflops"])
+  result["machine"]["load_average_1min_end"] = benchmark_host.device_info()["load_average_1min"]
+  return result
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+  """The comparison as a plain-text table."""
+  c, m = result["config"], result["machine"]
+  lines = [f"side by side {result.get('label') or ''}: {c['data']} / {c['model']} / "
+           f"{c['variant']} / batch {c['batch_size']} clean (+{c['batch_size']} mixed for "
+           f"MixSKD) / float32 / {result['threads']} threads / {result['rounds']} rounds x "
+           f"{result['steps']} steps",
+           f"machine: {m['host_cpu']}, {m['host_cores']} cores, jax {result['jax']}, torch "
+           f"{result['torch']}, load avg {m['load_average_1min']:.2f} -> "
+           f"{m['load_average_1min_end']:.2f}; float32 matmul probe "
+           f"{result['probe']['gflops']:.0f} GFLOP/s", ""]
+  header = (f"{'step':<15}{'side':<23}{'median s':>10}{'min s':>9}{'max s':>9}"
+            f"{'torch/ours [min, max] over rounds':>36}{'peak GiB':>10}{'of probe':>10}")
+  lines.append(header)
+  for name, step in result["steps_compared"].items():
+    for side_name, s in step["sides"].items():
+      ratio = s.get("ratio_over_ours")
+      ratio_text = (f"{ratio['median']:.2f}x [{ratio['min']:.2f}, {ratio['max']:.2f}]"
+                    if ratio else "")
+      peak = s.get("peak_bytes")
+      frac = s.get("fraction_of_matmul_probe")
+      label = "ours (JAX)" if side_name == "ours" else f"PyTorch {side_name}"
+      lines.append(f"{name:<15}{label:<23}"
+                   f"{s['median']:>10.3f}{s['min']:>9.3f}{s['max']:>9.3f}{ratio_text:>36}"
+                   f"{'-' if peak is None else f'{peak / 2 ** 30:.2f}':>10}"
+                   f"{'-' if frac is None else f'{frac:.0%}':>10}")
+    loss = step["same_batch_loss"]
+    lines.append(f"{'':<15}loss on one batch from the same weights: ours {loss['ours']:.6f}, "
+                 f"PyTorch {loss['torch']:.6f} (relative difference "
+                 f"{loss['relative_difference']:.1e})")
+  return "\n".join(lines)
