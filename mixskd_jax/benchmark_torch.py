@@ -175,12 +175,12 @@ class TorchSide:
     with _stderr_silenced(), profiler.profile(activities=[profiler.ProfilerActivity.CPU],
                                               profile_memory=True) as prof:
       self.step()
-    # "[memory]" records are single allocations (+) and frees (-); op events aggregate them.
-    events = sorted((e for e in prof.events() if e.name == "[memory]"),
-                    key=lambda e: e.time_range.start)
+    # An op's own allocations net of its frees (children excluded), and "[memory]" records:
+    # allocations and frees outside any op (the autograd engine's). In time order, their
+    # running sum is what the step holds live, at the granularity of ops.
     live = peak = 0
-    for e in events:
-      live += e.cpu_memory_usage
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+      live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
       peak = max(peak, live)
     return peak
 

@@ -23,7 +23,7 @@ Public API
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple, Type, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,13 @@ def _projection(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
     )
 
 
+def _shortcut(in_planes: int, out_planes: int, stride: int) -> Optional[nn.Sequential]:
+    """The projection where the shape changes, else None: an identity shortcut has no keys."""
+    if stride != 1 or in_planes != out_planes:
+        return _projection(in_planes, out_planes, stride)
+    return None
+
+
 class BasicBlock(nn.Module):
     """conv3x3(stride)-BN-ReLU-conv3x3-BN, + shortcut, ReLU.
 
@@ -77,11 +84,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        # Only create the attribute when needed: an identity shortcut has no keys.
-        if stride != 1 or in_planes != planes * self.expansion:
-            self.downsample = _projection(in_planes, planes * self.expansion, stride)
-        else:
-            self.downsample = None
+        self.downsample = _shortcut(in_planes, planes * self.expansion, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -107,10 +110,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        if stride != 1 or in_planes != planes * self.expansion:
-            self.downsample = _projection(in_planes, planes * self.expansion, stride)
-        else:
-            self.downsample = None
+        self.downsample = _shortcut(in_planes, planes * self.expansion, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
