@@ -364,7 +364,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   if f.against == "torch":
-    _main_against_torch(f)
+    from mixskd_jax import benchmark_torch  # pylint: disable=import-outside-toplevel
+    benchmark_torch.main(f, label=_config_label())
     return
   result = run_benchmark(f.config, steps=f.steps, warmup=f.warmup, skip_ce=f.skip_ce,
                          skip_pipeline=f.skip_pipeline, peak_gflops=f.peak_gflops,
@@ -373,26 +374,6 @@ def main(argv):
                          label=_config_label())
   print(format_table(result))
   if f.json_out:
-    print(f"\nwrote {f.json_out}")
-
-
-def _main_against_torch(f) -> None:
-  """`--against=torch`: the side-by-side comparison (benchmark_torch.py); a config it cannot
-  compare, or no PyTorch, is one line on stderr and exit status 2."""
-  import sys  # pylint: disable=import-outside-toplevel
-  from mixskd_jax import benchmark_torch  # pylint: disable=import-outside-toplevel
-  try:
-    result = benchmark_torch.compare_with_torch(f.config, rounds=f.rounds, steps=f.steps,
-                                                warmup=f.warmup, skip_ce=f.skip_ce,
-                                                label=_config_label())
-  except (benchmark_torch.TorchUnavailable, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(benchmark_torch.format_comparison(result))
-  if f.json_out:
-    os.makedirs(os.path.dirname(os.path.abspath(f.json_out)), exist_ok=True)
-    with open(f.json_out, "w") as out:
-      json.dump(result, out, indent=2, sort_keys=True)
     print(f"\nwrote {f.json_out}")
 
 

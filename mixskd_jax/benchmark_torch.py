@@ -22,8 +22,10 @@ to install its CPU build.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -332,3 +334,21 @@ def format_comparison(result: dict[str, Any]) -> str:
                  f"PyTorch {loss['torch']:.6f} (relative difference "
                  f"{loss['relative_difference']:.1e})")
   return "\n".join(lines)
+
+
+def main(flags: Any, *, label: str = "") -> None:
+  """`python -m mixskd_jax.benchmark --against=torch`: prints the table and writes the JSON
+  (`--json_out`); a config it cannot compare, or no PyTorch, is one line on stderr and exit
+  status 2."""
+  try:
+    result = compare_with_torch(flags.config, rounds=flags.rounds, steps=flags.steps,
+                                warmup=flags.warmup, skip_ce=flags.skip_ce, label=label)
+  except (TorchUnavailable, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(format_comparison(result))
+  if flags.json_out:
+    os.makedirs(os.path.dirname(os.path.abspath(flags.json_out)), exist_ok=True)
+    with open(flags.json_out, "w") as out:
+      json.dump(result, out, indent=2, sort_keys=True)
+    print(f"\nwrote {flags.json_out}")

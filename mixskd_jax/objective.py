@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mixskd_jax import kl_schedule, losses, mixing, pooling as pooling_lib, trainable
+from mixskd_jax import (kl_schedule, losses, mixing, objective_checks, pooling as pooling_lib,
+                        trainable)
 from mixskd_jax.mixing import MixParams
 from mixskd_jax.models.outputs import ModelOutputs
 
@@ -151,27 +152,6 @@ def _scaled_weights(config: ObjectiveConfig, term_scales: Mapping[str, Any] | No
   return {t: config.weight(t) * scales[t] if t in scales else config.weight(t) for t in TERMS}
 
 
-def _check_outputs(outputs: ModelOutputs, batch: int) -> None:
-  if len(outputs.features) != outputs.num_heads:
-    raise ValueError(f"outputs has {outputs.num_heads} logits but {len(outputs.features)} "
-                     "feature maps; MixSKD needs one final feature map per head.")
-  for z in outputs.logits:
-    if z.shape[0] != 2 * batch:
-      raise ValueError(f"outputs must cover 2B = {2 * batch} images [clean; mixed] for {batch} "
-                       f"labels, got logits of shape {z.shape}.")
-  shapes = [z.shape for z in outputs.logits]
-  if len(set(shapes)) > 1:  # the heads distil into each other: one class count for all
-    raise ValueError(f"Every head's logits must have one shape (2B, num_classes); got {shapes} "
-                     "(branch 1 .. main head): build every head with the same num_classes.")
-
-
-def _check_head_output(name: str, got: Any, expected: tuple[int, ...], fix: str) -> None:
-  """A self-teacher or discriminator that returns the wrong shape, named before it reaches a
-  loss as a broadcasting error."""
-  if got.shape != expected:
-    raise ValueError(f"The {name} returned shape {got.shape}, expected {expected}: {fix}")
-
-
 def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
                     self_teacher: Callable, discriminators: Callable, config: ObjectiveConfig,
                     pooling: str
@@ -181,7 +161,7 @@ def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
 
   Also, when `config.kl_gate` is not "none", the per-example (B,) accuracies the gate
   compares (`kl_schedule.kl_gate_accuracies`), else None."""
-  _check_outputs(outputs, labels.shape[0])
+  objective_checks.check_outputs(outputs, labels.shape[0])
   num_heads = outputs.num_heads
   groups = mix.num_groups
   clean_logits, mixup_logits = zip(*(mixing.split_views(losses.upcast(z), groups)
@@ -206,7 +186,7 @@ def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
   # all-reduce across devices instead of two.
   teacher_logits = self_teacher(
       [mixing.stack_views(i, m, groups) for i, m in zip(interp_feats, mixup_feats)])
-  _check_head_output("self_teacher", teacher_logits, outputs.logits[0].shape,
+  objective_checks.check_head_output("self_teacher", teacher_logits, outputs.logits[0].shape,
                      "it maps the heads' features of 2B rows to (2B, num_classes) logits, "
                      "with the heads' num_classes.")
   teacher_interp, teacher_mixup = mixing.split_views(losses.upcast(teacher_logits), groups)
@@ -224,7 +204,7 @@ def _per_head_terms(outputs: ModelOutputs, labels: jax.Array, mix: MixParams, *,
     raise ValueError(f"discriminators returned {len(disc_logits)} arrays for {num_heads} heads; "
                      "it must map the H pooled arrays to H logit arrays (2B, 2).")
   for d, p in zip(disc_logits, pooled):
-    _check_head_output("discriminators", d, (p.shape[0], 2), "each head's discriminator gives "
+    objective_checks.check_head_output("discriminators", d, (p.shape[0], 2), "each head's discriminator gives "
                        "2 logits (interpolated vs mixup) per row.")
 
   accuracies = None
