@@ -43,7 +43,7 @@ ${devices[@]+"${devices[@]}"} python3 -m mixskd_jax.benchmark --config="$CONFIG"
   --skip_pipeline --json_out="$OUT/communication_8.json" > "$OUT/communication_8.txt"
 python3 - "$OUT/communication_8.json" <<'EOF' | tee "$OUT/communication_8_check.txt"
 import json, sys
-from mixskd_jax import collectives
+from mixskd_jax.bench import collectives
 step = json.load(open(sys.argv[1]))["step"]
 check = collectives.activation_check(step["communication"], step["parameter_bytes"])
 print(f"{step['devices']} devices, {step['mix_groups']} mix groups: largest data-moving "

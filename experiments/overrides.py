@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from mixskd_jax import config_schema
+from mixskd_jax import config as config_lib
 
 
 def apply_override(config, assignment: str) -> None:
@@ -13,7 +13,7 @@ def apply_override(config, assignment: str) -> None:
   if "=" not in assignment:
     raise ValueError(f"--set={assignment!r} must look like dotted.field=value.")
   dotted, text = assignment.split("=", 1)
-  unknown = config_schema.unknown_field_error(config, dotted)
+  unknown = config_lib.unknown_field_error(config, dotted)
   if unknown:  # "Unknown config field 'a.b'; did you mean 'a.c'? (valid fields of ...)"
     missing = re.search(r"field '([^']+)'", unknown).group(1)
     suggestion = re.search(r"did you mean '([^']+)'", unknown)

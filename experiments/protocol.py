@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import ml_collections
 
-from mixskd_jax import config_schema, recipes
+from mixskd_jax import config as config_lib
+from mixskd_jax.config import recipes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,7 @@ def fashion_mnist_base() -> ml_collections.ConfigDict:
   """500 training images per class (the first 500 of each class in the split: 5,000 in all,
   39 steps of 128), the full 10,000-image test set, small_resnet, 8 epochs (312 steps): 1 of
   linear warm-up, then cosine; SGD Nesterov lr 0.1, wd 5e-4; MixSKD alpha 0.4, T 3."""
-  c = config_schema.base_config()
+  c = config_lib.base_config()
   c.model.name = "small_resnet"
   c.data.name = "fashion_mnist"
   c.data.train_examples_per_class = 500

@@ -39,14 +39,14 @@ from typing import Sequence
 from absl import app, flags, logging
 
 if __name__ == "__main__":  # before anything imports TensorFlow (clu, tfds): a quiet start-up
-  from mixskd_jax.train import progress as _progress
+  from mixskd_jax.run import progress as _progress
   _progress.quiet_tensorflow_startup()
 
 # pylint: disable=wrong-import-position
 from experiments import protocol, report, timing, transfer_fair
 from experiments.overrides import apply_override
-from mixskd_jax.train import preflight, progress
-from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE
+from mixskd_jax.run import preflight, progress
+from mixskd_jax.run.preemption import PREEMPTED_EXIT_CODE
 # pylint: enable=wrong-import-position
 
 _SUITE = flags.DEFINE_string("suite", "fashion_mnist", f"one of {sorted(protocol.SUITES)}")
@@ -145,7 +145,7 @@ def training_order(runs: Sequence[protocol.Run]) -> list[protocol.Run]:
 def train_all(runs: Sequence[protocol.Run], workdir: str) -> bool:
   """Trains every unfinished run in `training_order`; False when a run was preempted (SIGTERM:
   it saved its step), which ends the command, since the signal was meant for all of it."""
-  from mixskd_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.run.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   runs = training_order(runs)
   for i, run in enumerate(runs):
     run_dir = os.path.join(workdir, run.name)

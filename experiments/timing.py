@@ -26,7 +26,7 @@ def time_method(config, *, steps: int, warmup: int) -> dict[str, float]:
   each step waited for, on the configured pipeline and devices."""
   from mixskd_jax import data  # pylint: disable=import-outside-toplevel
   from mixskd_jax.train import sharding  # pylint: disable=import-outside-toplevel
-  from mixskd_jax.train.loop import Trainer  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.run.loop import Trainer  # pylint: disable=import-outside-toplevel
 
   with tempfile.TemporaryDirectory() as workdir:
     trainer = Trainer(config, workdir)

@@ -11,30 +11,48 @@ The network with branches built for any staged Linen backbone: `mixskd_network`;
 training-only heads: `SelfTeacher`, `FeatureDiscriminators`; its plain backbone's variables:
 `backbone_variables`. What a variant trains: `parameter_partition` / `trainable_mask`; the loss
 sends no gradient into the heads a variant freezes, and `optimizer(tx, params, config)` keeps
-any optax optimizer (weight decay included) off them. NNX models: `mixskd_jax.nnx`. The
-trainer, data pipelines and configs live in `mixskd_jax.train`, `mixskd_jax.data` and
-`mixskd_jax.configs`. Importing this package only imports JAX, Flax and optax: no side effects.
+any optax optimizer (weight decay included) off them. NNX models: `mixskd_jax.nnx`. A run:
+`mixskd_jax.run.train_and_evaluate`; configs: `mixskd_jax.config` (the schema and its checks) and
+`mixskd_jax.configs` (the experiments); the layers and what may import what: ARCHITECTURE.md.
+
+Importing this package imports nothing else: each name loads its module (JAX, Flax and optax)
+on first use, so `import mixskd_jax.config` checks a config without loading JAX.
 """
 
-from mixskd_jax.mixing import (MixParams, masked_permutation, mix, permute, sample_mix,
-                               split_views, stack_views)
-from mixskd_jax.models import (FeatureDiscriminators, MixSKDNetwork, ModelOutputs, SelfTeacher,
-                               StagedClassifier, backbone_variables, build_model, mixskd_network,
-                               staged_classifier)
-from mixskd_jax.objective import (FROZEN, TERMS, TRAINABLE, VARIANTS, ObjectiveConfig,
-                                  apply_mixskd, mixskd_loss, mixskd_per_example_terms,
-                                  parameter_partition, trainable_mask)
-from mixskd_jax.pooling import POOLINGS, pool
-from mixskd_jax.train.optimizer import reference_sgd
-from mixskd_jax.trainable import partitioned, variant_optimizer as optimizer
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "FROZEN", "FeatureDiscriminators", "MixParams", "MixSKDNetwork", "ModelOutputs",
-    "ObjectiveConfig", "POOLINGS", "SelfTeacher", "StagedClassifier", "TERMS", "TRAINABLE",
-    "VARIANTS", "apply_mixskd", "backbone_variables", "build_model", "masked_permutation", "mix",
-    "mixskd_loss", "mixskd_network", "mixskd_per_example_terms", "optimizer",
-    "parameter_partition", "partitioned", "permute", "pool", "reference_sgd", "sample_mix",
-    "split_views", "stack_views", "staged_classifier", "trainable_mask",
-]
+# Public name -> (module, name in that module).
+_EXPORTS = {
+    **{n: ("mixskd_jax.method.mixing", n) for n in (
+        "MixParams", "masked_permutation", "mix", "permute", "sample_mix", "split_views",
+        "stack_views")},
+    **{n: ("mixskd_jax.models", n) for n in (
+        "FeatureDiscriminators", "MixSKDNetwork", "ModelOutputs", "SelfTeacher",
+        "StagedClassifier", "backbone_variables", "build_model", "mixskd_network",
+        "staged_classifier")},
+    **{n: ("mixskd_jax.method.objective", n) for n in (
+        "FROZEN", "TERMS", "TRAINABLE", "VARIANTS", "ObjectiveConfig", "apply_mixskd",
+        "mixskd_loss", "mixskd_per_example_terms", "parameter_partition", "trainable_mask")},
+    **{n: ("mixskd_jax.models.pooling", n) for n in ("POOLINGS", "pool")},
+    "reference_sgd": ("mixskd_jax.method.optimizer", "reference_sgd"),
+    "partitioned": ("mixskd_jax.method.trainable", "partitioned"),
+    "optimizer": ("mixskd_jax.method.trainable", "variant_optimizer"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'mixskd_jax' has no attribute {name!r}")
+  module, attribute = _EXPORTS[name]
+  value = getattr(importlib.import_module(module), attribute)
+  globals()[name] = value  # later lookups skip this function
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))

@@ -7,9 +7,11 @@ The terminal shows a progress line every config.log_every_steps steps (and at le
 minute), an evaluation line per evaluation, and at the end a short summary: test top-1 of
 every head and where results.json, the checkpoints and the TensorBoard logs are.
 
-Before anything is loaded or compiled, the command checks that every --config.* field exists,
-that the config file exists, that the workdir can be written and that the dataset is
-prepared or can be downloaded (mixskd_jax/train/preflight.py).
+Before anything is loaded or compiled, the command checks that the config file exists, that
+the config passes its one door (`mixskd_jax.config.validate`: every field exists, holds a value
+of its type and range, and agrees with the others; before JAX or TensorFlow is imported), that
+the workdir can be written and that the dataset is prepared or can be downloaded
+(mixskd_jax/run/preflight.py). The rules that need the device count follow once JAX is up.
 
 Exit status: 0 when the run is finished; 2 when one of those checks fails (one line on
 stderr says what to fix); 75 (EX_TEMPFAIL, "temporary failure, retry") when SIGTERM stopped it
@@ -26,9 +28,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-# None of these imports TensorFlow: `run` quiets its start-up before it is imported.
-from mixskd_jax.train import preflight, progress
-from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE, install_exit_on_interrupt
+# None of these imports JAX or TensorFlow: `run` quiets TensorFlow's start-up before it loads.
+from mixskd_jax.config.errors import PreflightError
+from mixskd_jax.run import command_line, preflight, progress
+from mixskd_jax.run.interrupt import PREEMPTED_EXIT_CODE, install_exit_on_interrupt
+from mixskd_jax.store.workdir import remove_if_empty
 
 USAGE_ERROR_EXIT_CODE = 2
 FAILED_EXIT_CODE = 1  # diverged, or no checkpoint fits: rerunning alone would not help
@@ -54,19 +58,20 @@ def main(argv):
   progress.configure_console()
   if FLAGS.config is None:
     return _fail("--config=PATH is required, e.g. --config=configs/default.py")
-  try:
-    created = preflight.check_workdir(FLAGS.workdir)
-  except (preflight.PreflightError, ValueError) as e:
+  try:  # the config's one door first: a bad value answers before JAX or TensorFlow loads
+    created = preflight.check_run(FLAGS.config, FLAGS.workdir,
+                                  before_dataset=progress.quiet_tensorflow_startup)
+  except (PreflightError, ValueError) as e:  # ValueError: a workdir URI scheme we cannot write
     return _fail(str(e))
-  # TensorFlow, JAX's backends and the data pipeline load here, after the cheap checks.
-  from mixskd_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  # JAX's backends and the data pipeline load here, after the checks.
+  from mixskd_jax.run.loop import train_checked  # pylint: disable=import-outside-toplevel
   # pylint: disable=import-outside-toplevel
-  from mixskd_jax.train.checkpoint import CheckpointError, CheckpointWriteError
-  from mixskd_jax.train.divergence import DivergenceError
+  from mixskd_jax.store.checkpoint import CheckpointError, CheckpointWriteError
+  from mixskd_jax.run.divergence import DivergenceError
   try:
-    results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except preflight.PreflightError as e:
-    preflight.remove_if_empty(created)
+    results = train_checked(FLAGS.config, FLAGS.workdir)
+  except PreflightError as e:  # the workdir's owner, the device-count rules, init_from
+    remove_if_empty(created)
     return _fail(str(e))
   except CheckpointWriteError as e:  # disk full, read-only: the older checkpoints are intact
     return _fail(str(e), IO_ERROR_EXIT_CODE)
@@ -83,10 +88,9 @@ def run() -> None:
   # Ctrl-C ends the command at once with status 130 (the training loop makes the first one a
   # SIGTERM): never the KeyboardInterrupt that crashes the exit under a running compile.
   install_exit_on_interrupt()
-  message = preflight.check_command_line(sys.argv)
+  message = command_line.check_command_line(sys.argv)
   if message:
     sys.exit(_fail(message))
-  progress.quiet_tensorflow_startup()  # before clu, tfds or the data package import it
   app.run(main)
 
 

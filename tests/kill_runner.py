@@ -49,7 +49,8 @@ def _on_kth_call(owner, name: str, k: int, action) -> None:
 
 def install(site: str, k: int, delay: float) -> None:
   # pylint: disable=import-outside-toplevel
-  from mixskd_jax.train import checkpoint, checkpoint_digest, loop, workdir
+  from mixskd_jax.store import checkpoint, checkpoint_digest, workdir
+  from mixskd_jax.run import loop
   if site == "step":
     prefetch = loop.prefetch_to_device
 

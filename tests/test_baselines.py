@@ -6,10 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixskd_jax import baselines, config_schema, mixing, recipes
+from mixskd_jax import config as config_lib
+from mixskd_jax.config import recipes
+from mixskd_jax.method import baselines, mixing
+from mixskd_jax.method import methods
+from mixskd_jax.method.methods import StepInputs
 from mixskd_jax.models import build_model
-from mixskd_jax.train import methods
-from mixskd_jax.train.methods import StepInputs
 
 
 def np_log_softmax(z):
@@ -102,7 +104,7 @@ def _inputs(batch_size=6, num_examples=12, seed=0, **batch_extra):
 
 
 def _method(name, **config_overrides):
-  config = recipes.with_method(config_schema.base_config(), name)
+  config = recipes.with_method(config_lib.base_config(), name)
   for key, value in config_overrides.items():
     config.baselines[key] = value
   model = build_model("small_resnet", 10, mixskd=config.model.mixskd)
@@ -217,7 +219,7 @@ def test_byot_trains_backbone_and_branches_but_not_the_mixskd_heads():
     ("cs_kd", "data.class_pairs", False, "config.data.class_pairs=True"),
 ])
 def test_inconsistent_method_config_names_the_field(name, field, value, match):
-  config = recipes.with_method(config_schema.base_config(), name)
+  config = recipes.with_method(config_lib.base_config(), name)
   section, leaf = field.split(".")
   config[section][leaf] = value
   with pytest.raises(ValueError, match=match):
@@ -225,7 +227,7 @@ def test_inconsistent_method_config_names_the_field(name, field, value, match):
 
 
 def test_unknown_method_is_refused():
-  config = config_schema.base_config()
+  config = config_lib.base_config()
   config.method = "dino"
   with pytest.raises(ValueError, match="config.method='dino' is unknown"):
     methods.check_config(config)

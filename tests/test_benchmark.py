@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixskd_jax import benchmark, config_schema, mixing, objective
+from mixskd_jax import benchmark
+from mixskd_jax import config as config_lib
+from mixskd_jax.method import mixing, objective
 from mixskd_jax.models import SPECS, build_model, compiler_options, xla_options
 from tests.training_configs import tiny_config
 
@@ -169,7 +171,7 @@ def test_pipeline_throughput_on_local_files(tmp_path):
 
 
 def _model_config(**fields):
-  config = config_schema.base_config().model
+  config = config_lib.base_config().model
   config.update(name="small_resnet", conv_input_barrier=False, cpu_convolutions="xla_default")
   config.update(**fields)
   return config

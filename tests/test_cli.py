@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mixskd_jax.train import preflight
+from mixskd_jax.run import dataset_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "--config=configs/default.py:smoke"
@@ -19,7 +19,7 @@ FAST_S = 15.0  # the checks that run before TensorFlow, JAX's backends or the da
 def user_env(**extra):
   """The environment of a user's shell: no test-only device count or TF log level."""
   env = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL", preflight.OFFLINE_ENV)}
+         if k not in ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL", dataset_check.OFFLINE_ENV)}
   env.update(extra)
   return env
 
@@ -95,7 +95,7 @@ def test_offline_unprepared_dataset(tmp_path):
   data_dir.mkdir()
   code, out, err, seconds = main(
       "--config=configs/cifar100_resnet18_mixskd.py:smoke", f"--workdir={workdir}",
-      f"--config.data.data_dir={data_dir}", **{preflight.OFFLINE_ENV: "1"})
+      f"--config.data.data_dir={data_dir}", **{dataset_check.OFFLINE_ENV: "1"})
   line = assert_one_line_error(code, out, err, f"Dataset cifar100 is not prepared in tfds "
                                                f"data_dir {data_dir}, and this machine is offline")
   assert "--config.data.data_dir=DIR" in line

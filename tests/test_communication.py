@@ -11,7 +11,8 @@ import sys
 import pytest
 from ml_collections import config_flags
 
-from mixskd_jax import benchmark, collectives
+from mixskd_jax import benchmark
+from mixskd_jax.bench import collectives
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 RUNNER = os.path.join(os.path.dirname(__file__), "compile_runner.py")

@@ -1,4 +1,4 @@
-"""`config_schema.validate`: every field's type and range is checked up front, in one line that
+"""`config_lib.validate`: every field's type and range is checked up front, in one line that
 names the field; `preflight.check_run` and the command refuse a bad value before the workdir or
 the dataset is touched; the checkpoint converter refuses --num_classes 0 and NaN weights."""
 
@@ -13,10 +13,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mixskd_jax import config_rules, config_schema, configs
-from mixskd_jax.objective import VARIANTS
-from mixskd_jax.train import preflight
-from mixskd_jax.train.methods import METHODS
+from mixskd_jax import config as config_lib
+from mixskd_jax import configs
+from mixskd_jax.config import check as config_check, choices as config_choices, field_rules
+from mixskd_jax.method.methods import METHODS
+from mixskd_jax.method.objective import VARIANTS
+from mixskd_jax.run import dataset_check, preflight
 from tests.test_cli import assert_one_line_error
 from tests.test_cli import main as run_command
 from tests.training_configs import tiny_config
@@ -39,8 +41,8 @@ def with_values(config, **values):
 
 
 def refusal(config) -> str:
-  with pytest.raises(config_schema.ConfigValueError) as error:
-    config_schema.validate(config)
+  with pytest.raises(config_lib.ConfigValueError) as error:
+    config_lib.validate(config)
   message = str(error.value)
   assert "\n" not in message and message.endswith("."), message
   return message
@@ -50,21 +52,24 @@ def refusal(config) -> str:
 # The table.
 
 def test_every_leaf_of_base_config_has_a_rule():
-  leaves = [path for path, _ in config_rules.leaves(config_schema.base_config())]
-  assert sorted(config_rules.RULES) == sorted(leaves)  # a rule each, and none for no field
+  leaves = [path for path, _ in config_check.leaves(config_lib.base_config())]
+  assert sorted(field_rules.RULES) == sorted(leaves)  # a rule each, and none for no field
 
 
-def test_base_config_validates_fast_without_tensorflow():
-  code = ("import sys, time; from mixskd_jax import config_schema; t = time.monotonic(); "
-          "config_schema.validate(config_schema.base_config()); "
-          "print(time.monotonic() - t); assert 'tensorflow' not in sys.modules")
+def test_configs_validate_fast_without_jax_or_tensorflow():
+  """The config package is the bottom layer: a shipped config loads and passes its one door
+  with neither JAX, Flax nor TensorFlow imported."""
+  code = ("import sys, time; from mixskd_jax import config as config_lib; "
+          "from mixskd_jax.configs import default; t = time.monotonic(); "
+          "config_lib.validate(default.get_config('smoke')); print(time.monotonic() - t); "
+          "assert not [m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules]")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        timeout=120, check=True).stdout
   assert float(out) < 0.5
 
 
 def test_dataset_names_are_the_data_packages():
-  """config_rules lists the datasets (the data package imports TensorFlow); they are
+  """config.choices lists the datasets (the data package imports TensorFlow); they are
   data.SPECS's, read here from datasets.py alone (it imports no TensorFlow either)."""
   name = "_datasets_standalone"
   spec = importlib.util.spec_from_file_location(
@@ -75,10 +80,10 @@ def test_dataset_names_are_the_data_packages():
     spec.loader.exec_module(module)
   finally:
     del sys.modules[name]
-  assert config_rules.DATASETS == tuple(module.SPECS)
-  assert config_rules.STREAMED_DATASETS == tuple(
+  assert config_choices.DATASETS == tuple(module.SPECS)
+  assert config_choices.STREAMED_DATASETS == tuple(
       n for n, s in module.SPECS.items() if not s.in_memory)
-  assert config_rules.DATASET_CLASSES == {n: s.num_classes for n, s in module.SPECS.items()}
+  assert config_choices.DATASET_CLASSES == {n: s.num_classes for n, s in module.SPECS.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +98,7 @@ def test_shipped_configs_validate(name):
   ImageNet is streamed, so its cs_kd and ps_kd versions are refused (data/streaming.py refuses
   them too, at the first batch)."""
   module = importlib.import_module(f"mixskd_jax.configs.{name}")
-  streamed = module.get_config().data.name in config_rules.STREAMED_DATASETS
+  streamed = module.get_config().data.name in config_choices.STREAMED_DATASETS
   for arg in ["", "smoke", *VARIANTS, *METHODS, *(f"{m},smoke" for m in METHODS)]:
     config = module.get_config(arg)
     method = arg.split(",")[0]
@@ -102,11 +107,11 @@ def test_shipped_configs_validate(name):
       assert refusal(config).startswith(f"config.{field} = True: must be False for the "
                                         "streamed dataset 'imagenet2012'")
     else:
-      config_schema.validate(config)
+      config_lib.validate(config)
 
 
 def test_tiny_config_validates():
-  config_schema.validate(tiny_config())
+  config_lib.validate(tiny_config())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +211,7 @@ def test_bad_values_are_one_line_naming_the_field(values, starts):
     {"init_from__path": "/runs/source", "init_from__keep_head": True},
 ])
 def test_meaningful_values_pass(values):
-  config_schema.validate(with_values(tiny_config(), **values))
+  config_lib.validate(with_values(tiny_config(), **values))
 
 
 def test_a_group_replaced_by_a_value_is_refused():
@@ -217,7 +222,7 @@ def test_a_group_replaced_by_a_value_is_refused():
 def test_a_missing_field_is_checked_at_its_default():
   config = tiny_config()
   del config["resume_policy"]
-  config_schema.validate(config)
+  config_lib.validate(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,11 +232,10 @@ def test_check_run_refuses_before_the_workdir_and_the_dataset(tmp_path, monkeypa
   def untouched(*args, **kwargs):
     raise AssertionError("checked the workdir or dataset of an invalid config")
   monkeypatch.setattr(preflight, "check_workdir", untouched)
-  monkeypatch.setattr(preflight, "check_dataset", untouched)
-  with pytest.raises(preflight.PreflightError) as error:
+  monkeypatch.setattr(dataset_check, "check_dataset", untouched)
+  with pytest.raises(preflight.PreflightError) as error:  # what the command catches
     preflight.check_run(tiny_config({"log_every_steps": 0}), str(tmp_path / "run"))
-  assert isinstance(error.value, preflight.ConfigValueError)
-  assert isinstance(error.value, config_schema.ConfigValueError)  # also validate's own type
+  assert isinstance(error.value, config_lib.ConfigValueError)  # also validate's own type
   assert str(error.value).startswith("config.log_every_steps = 0: must be an int >= 1")
   assert not (tmp_path / "run").exists()
 
@@ -240,11 +244,63 @@ def test_command_refuses_a_bad_value_in_one_line(tmp_path):
   workdir = tmp_path / "run"
   code, out, err, seconds = run_command("--config=configs/default.py", f"--workdir={workdir}",
                                         "--config.batch_size=0", timeout=120,
-                                        **{preflight.OFFLINE_ENV: "1"})
+                                        **{dataset_check.OFFLINE_ENV: "1"})
   line = assert_one_line_error(code, out, err, "config.batch_size = 0: must be an int >= 1")
   assert "batch_size" in line
   assert seconds < FAST_S
   assert not workdir.exists()
+
+
+# A bad value of each kind: a field's own rule, a rule between fields, an unknown field.
+BAD_VALUES = {
+    "--config.batch_size=0": "config.batch_size = 0: must be an int >= 1",
+    "--config.per_device_batch_size=3": "config.per_device_batch_size = 3: must divide "
+                                        "config.batch_size = 128",
+    "--config.init_from.keep_head=True": "config.init_from.keep_head = True: needs "
+                                         "config.init_from.path",
+    "--config.optimizer.schedule=linear": "config.optimizer.schedule = 'linear': must be one of "
+                                          "'multistep', 'cosine', 'constant'",
+}
+# The command, with JAX, Flax and TensorFlow made unimportable: a refusal that needed them
+# would end in an ImportError traceback instead of the one line.
+_WITHOUT_JAX = """
+import sys
+class _Refuse:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('jax', 'jaxlib', 'flax', 'tensorflow'):
+      raise ImportError('imported ' + name + ' before the config was checked')
+sys.meta_path.insert(0, _Refuse())
+sys.argv = ['mixskd_jax.main'] + sys.argv[1:]
+from mixskd_jax import main
+main.run()
+"""
+
+
+@pytest.mark.parametrize("flag", sorted(BAD_VALUES))
+def test_command_refuses_a_bad_value_before_jax_or_tensorflow(tmp_path, flag):
+  """The config's one door answers before JAX or TensorFlow is imported (in ~0.5 s here, where
+  importing them took ~9 s before), with one line and exit status 2, the workdir untouched;
+  the rule needing the device count (train/layout.py) is the only one that waits for JAX."""
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-c", _WITHOUT_JAX, "--config=configs/default.py",
+       f"--workdir={workdir}", flag], cwd=REPO, capture_output=True, text=True, timeout=120,
+      env={**os.environ, dataset_check.OFFLINE_ENV: "1"})
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr[-2000:]
+  assert result.stderr.startswith(BAD_VALUES[flag]), result.stderr
+  assert not workdir.exists()
+
+
+def test_command_refuses_a_device_count_rule_in_one_line(tmp_path):
+  """batchnorm_groups must divide the mix groups, which depend on the devices: checked once
+  JAX is up, the same one line and exit status 2."""
+  code, out, err, _ = run_command("--config=configs/default.py", f"--workdir={tmp_path / 'run'}",
+                                  "--config.model.batchnorm_groups=3", timeout=120,
+                                  **{dataset_check.OFFLINE_ENV: "1"})
+  assert_one_line_error(code, out, err, "config.model.batchnorm_groups: 3 must be -1 (one per "
+                                        "mix group) or a positive divisor of "
+                                        "objective.mix_groups=1")
 
 
 def test_command_refuses_an_idx_dir_without_the_files_at_once(tmp_path):

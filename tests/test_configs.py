@@ -8,15 +8,19 @@ Colab, has them); `configs/*.py` at the repository root re-export them for the c
 import glob
 import os
 import re
+import shlex
+import sys
 
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
 from ml_collections import config_flags
 
+from mixskd_jax import config as config_lib
 from mixskd_jax import configs as package_configs
-from mixskd_jax.train import preflight
+from mixskd_jax.run import command_line
+from mixskd_jax.run.loop import train_and_evaluate
 from mixskd_jax.train import layout
-from mixskd_jax.train.loop import train_and_evaluate
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 CONFIG_DIR = os.path.join(REPO, "configs")
@@ -38,14 +42,40 @@ def test_the_expected_configs_exist():
   assert [f"{name}.py" for name in package_configs.names()] == CONFIGS
 
 
+def documented_commands(name: str) -> list[list[str]]:
+  """The `python -m mixskd_jax.main ...` commands in config `name`'s docstring (the package's
+  module: what an installed package has), as argument lists, continuation lines joined."""
+  with open(os.path.join(PACKAGE_CONFIG_DIR, name)) as f:
+    doc = f.read().split('"""')[1].replace("\\\n", " ")
+  commands = []
+  for line in doc.splitlines():
+    if "python -m mixskd_jax.main" in line:
+      args = shlex.split(line.split("python -m mixskd_jax.main", 1)[1])
+      commands.append([a.replace("$(python -m mixskd_jax.configs default)", "configs/default.py")
+                       for a in args])
+  return commands
+
+
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_config_documents_its_command_and_expectation(name):
-  """The docstring is in the package's module (what an installed package has)."""
+def test_every_config_documents_a_command_that_runs(name, monkeypatch):
+  """Each config's docstring gives its command, expected result and cost, and every command
+  it shows parses as the command line parses it (config file, ':' tokens, --config.* fields)
+  into a config that passes `config.validate`: a renamed field or token breaks this test."""
   with open(os.path.join(PACKAGE_CONFIG_DIR, name)) as f:
     doc = f.read().split('"""')[1]
-  assert f"--config=configs/{name}" in doc, "the command"
   assert "Expected" in doc, "the expected result"
   assert "Time" in doc or " min " in doc, "what it costs"
+  commands = documented_commands(name)
+  assert any(f"--config=configs/{name}" in a for c in commands for a in c), "its own command"
+  for args in commands:
+    assert any(a.startswith("--workdir=") for a in args), args
+    assert command_line.check_command_line(["main", *args]) is None, args
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values)
+    flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
+    monkeypatch.setattr(sys, "argv", ["main", *args])  # config_flags reads its overrides there
+    flag_values(sys.argv)
+    config_lib.validate(flag_values.config)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -67,9 +97,9 @@ def test_package_config_paths_work_on_the_command_line(capsys):
   assert path == package_configs.path("default.py") == os.path.join(PACKAGE_CONFIG_DIR,
                                                                     "default.py")
   assert load("default.py", "smoke", PACKAGE_CONFIG_DIR).num_train_steps == 4
-  assert preflight.check_command_line(
+  assert command_line.check_command_line(
       ["main", f"--config={path}:smoke", "--workdir=/tmp/x"]) is None
-  message = preflight.check_command_line(["main", f"--config={path}", "--config.batch_sise=8"])
+  message = command_line.check_command_line(["main", f"--config={path}", "--config.batch_sise=8"])
   assert message and "batch_size" in message
   with pytest.raises(ValueError, match="Unknown config 'nope'; the configs are: .*default"):
     package_configs.path("nope")

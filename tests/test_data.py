@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mixskd_jax import data
-from mixskd_jax.config_schema import base_config
+from mixskd_jax.config.schema import base_config
 from mixskd_jax.data import augment
 from mixskd_jax.data import datasets
 from mixskd_jax.data import fashion_mnist_local

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from mixskd_jax.config_schema import base_config
+from mixskd_jax.config.schema import base_config
 from mixskd_jax.data import sources
-from mixskd_jax.train.data_prep import prepare_data
+from mixskd_jax.run.data_prep import prepare_data
 from tests import fake_imagenet
 
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
@@ -59,8 +59,8 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 pid, port, data_dir, manual_dir, log = sys.argv[1:]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(pid))
 import tensorflow_datasets as tfds
-from mixskd_jax.config_schema import base_config
-from mixskd_jax.train.data_prep import prepare_data
+from mixskd_jax.config.schema import base_config
+from mixskd_jax.run.data_prep import prepare_data
 
 prepare = tfds.core.DatasetBuilder.download_and_prepare
 def logged(self, *args, **kwargs):

@@ -13,9 +13,9 @@ from absl import flags
 from absl.testing import flagsaver
 
 from experiments import protocol, run as runner
-from mixskd_jax import config_schema
-from mixskd_jax.train import methods
-from mixskd_jax.train.loop import train_and_evaluate
+from mixskd_jax import config as config_lib
+from mixskd_jax.method import methods
+from mixskd_jax.run.loop import train_and_evaluate
 
 
 @pytest.mark.parametrize("suite", sorted(protocol.SUITES))
@@ -69,14 +69,14 @@ def test_cifar100_suite_methods_needing_the_pipeline_train_on_mock_data(name, tm
   """The CIFAR-100 rows that need same-class pairs or example ids, with the real ResNet-18."""
   run = next(r for r in protocol.suite_runs(protocol.get_suite("cifar100"))
              if r.spec.name == name)
-  config = config_schema.finalize(run.config, "smoke")
+  config = config_lib.finalize(run.config, "smoke")
   with tfds.testing.mock_data(num_examples=64):
     results = train_and_evaluate(config, str(tmp_path))
   assert results["finished"] and results["method"] == name
 
 
 def test_apply_override_parses_by_field_type():
-  config = config_schema.base_config()
+  config = config_lib.base_config()
   runner.apply_override(config, "batch_size=32")
   runner.apply_override(config, "optimizer.learning_rate=0.05")
   runner.apply_override(config, "data.augment=false")
@@ -176,7 +176,7 @@ def test_transfer_command_pretrains_then_probes_and_fine_tunes_from_it(tmp_path)
   with flagsaver.flagsaver(suite="transfer_smoke", workdir=workdir, results_dir=results,
                            seeds=["0"], methods=methods, time_steps=0):
     assert runner.main(["run"]) == 0
-  from mixskd_jax.train import pretrained
+  from mixskd_jax.interop import pretrained
   source = pretrained.load_trained(os.path.join(workdir, "pretrain_cross_entropy", "seed0"))
   probe = pretrained.load_trained(os.path.join(workdir, "probe_cross_entropy", "seed0"))
   tuned = pretrained.load_trained(os.path.join(workdir, "finetune_cross_entropy", "seed0"))
@@ -288,7 +288,7 @@ def test_committed_results_readme_quotes_the_paired_comparisons_and_ablation():
 def test_a_preempted_run_ends_the_command(tmp_path, monkeypatch):
   """SIGTERM during a run saves it and stops the command (status 75): the signal is meant for
   the whole command, so the next runs must not start (a restarted command would race them)."""
-  from mixskd_jax.train import loop
+  from mixskd_jax.run import loop
   runs = runner.training_order(protocol.suite_runs(protocol.get_suite("smoke"),
                                                    ablations=False))[:3]
   trained = []

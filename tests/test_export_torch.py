@@ -18,7 +18,7 @@ from mixskd_jax.interop import ExportRefused, convert_state_dict, export_backbon
 from mixskd_jax.interop import __main__ as cli
 from mixskd_jax.interop.export import save_pt, save_safetensors, torch_state_dict
 from mixskd_jax.models.registry import RESNETS, build_model
-from mixskd_jax.train.checkpoint import Checkpoints
+from mixskd_jax.store.checkpoint import Checkpoints
 from mixskd_jax.train.state import TrainState
 
 # Eval-mode logits on the same weights and images differ only by float32 rounding (the two

@@ -14,9 +14,9 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-import mixskd_jax as mixskd
 from mixskd_jax import nnx as mixskd_nnx
-from mixskd_jax.trainable import frozen_function
+import mixskd_jax as mixskd
+from mixskd_jax.method.trainable import frozen_function
 
 STEPS = 5
 # variant -> (frozen top-level sub-trees, trained ones that must move)

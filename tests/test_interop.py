@@ -12,13 +12,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mixskd_jax import mixing, objective  # noqa: E402
+from mixskd_jax.method import mixing, objective  # noqa: E402
 from mixskd_jax.interop import (convert_state_dict, export_backbone, load_converted,  # noqa: E402
                                 read_state_dict)
 from mixskd_jax.interop.__main__ import main as convert_main  # noqa: E402
+from mixskd_jax.method.optimizer import reference_sgd
+from mixskd_jax.method.trainable import partitioned  # noqa: E402
 from mixskd_jax.models import build_model  # noqa: E402
-from mixskd_jax.train.optimizer import reference_sgd
-from mixskd_jax.trainable import partitioned  # noqa: E402
 from tests import torch_reference as tr  # noqa: E402
 
 RTOL = 1e-4  # the definition of done: float32, relative difference at most 1e-4

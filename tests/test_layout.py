@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixskd_jax import config_schema, mixing
+from mixskd_jax import config as config_lib
+from mixskd_jax.method import mixing
 from mixskd_jax.train import layout
 
 
@@ -52,7 +53,7 @@ def test_lam_stays_float32_when_bfloat16_is_mixed():
 
 
 def config(**fields):
-  c = config_schema.base_config()
+  c = config_lib.base_config()
   for dotted, value in fields.items():
     node = c
     *parents, leaf = dotted.split("__")

@@ -1,4 +1,4 @@
-"""Tests of mixskd_jax.losses against float64 numpy references of spec section B.3.
+"""Tests of mixskd_jax.method.losses against float64 numpy references of spec section B.3.
 
 Every loss is per-example and float32 inside; batch means are compared with the PyTorch
 calls the reference uses (kl_div batchmean * T^2, BCEWithLogits mean) where torch exists.
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixskd_jax import losses
+from mixskd_jax.method import losses
 
 RTOL = 1e-5
 ATOL = 1e-6

@@ -1,4 +1,4 @@
-"""Tests of mixskd_jax.mixing: lam / permutation sampling and mixing of pytrees (spec B.1).
+"""Tests of mixskd_jax.method.mixing: lam / permutation sampling and mixing of pytrees (spec B.1).
 
 The mix is checked against numpy's lam * x + (1 - lam) * x[perm]; the per-shard pairing
 against the single-shard mix applied block by block.
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixskd_jax import mixing
-from mixskd_jax.mixing import MixParams
+from mixskd_jax.method import mixing
+from mixskd_jax.method.mixing import MixParams
 
 
 # ---------------------------------------------------------------------------

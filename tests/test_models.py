@@ -632,7 +632,7 @@ def test_bfloat16_mixskd_loss_stays_close_to_float32():
   Measured on this model: loss 1e-4 relative at most, feature_mse the loosest term (0.35%),
   over three seeds; the tolerances leave about 3-10x margin.
   """
-  from mixskd_jax import mixing, objective  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.method import mixing, objective  # pylint: disable=import-outside-toplevel
   images = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
   labels = jnp.arange(8) % 10
   mix = mixing.sample_mix(jax.random.key(2), 8, alpha=0.4)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE
+from mixskd_jax.run.preemption import PREEMPTED_EXIT_CODE
 from tests.test_resume import assert_same_params, checkpoint_steps, command, load, run
 from tests.test_resume import prepared_fashion_mnist  # noqa: F401  (autouse: data prepared once)
 

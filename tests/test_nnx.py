@@ -11,8 +11,8 @@ import optax
 import pytest
 from flax import nnx, traverse_util
 
-from mixskd_jax import mixing, objective
 from mixskd_jax import nnx as mnnx
+from mixskd_jax.method import mixing, objective
 from mixskd_jax.models import heads
 from tests.test_readme import readme_block
 

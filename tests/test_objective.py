@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from mixskd_jax import kl_schedule, mixing, objective
+from mixskd_jax.method import kl_schedule, mixing, objective
+from mixskd_jax.method.objective import ObjectiveConfig
+from mixskd_jax.method.optimizer import reference_sgd
+from mixskd_jax.method.trainable import partitioned
 from mixskd_jax.models import FeatureDiscriminators, ModelOutputs, SelfTeacher, build_model
-from mixskd_jax.objective import ObjectiveConfig
-from mixskd_jax.train.optimizer import reference_sgd
-from mixskd_jax.trainable import partitioned
 
 B, C, HEADS, HW, CH = 6, 5, 3, 2, 4
 T = 3.0
@@ -217,7 +217,7 @@ def test_kl_teacher_sides_get_no_gradient(synthetic):
   clean = jnp.asarray(s["logits"][k][:B])
   interp = lam * clean + (1 - lam) * clean[perm]
   def only_student_side(m):
-    from mixskd_jax import losses
+    from mixskd_jax.method import losses
     return jnp.mean(losses.temperature_kl(m, interp, T))
   expected = jax.grad(only_student_side)(jnp.asarray(s["logits"][k][B:]))
   np.testing.assert_allclose(g_logits[k][B:], expected, rtol=1e-5, atol=1e-8)
@@ -367,8 +367,8 @@ class _TinyNet(nn.Module):
 
 
 def _option_config(variant="full", **objective_fields):
-  from mixskd_jax import config_schema
-  config = config_schema.base_config()
+  from mixskd_jax import config as config_lib
+  config = config_lib.base_config()
   config.objective.variant = variant
   for key, value in objective_fields.items():
     config.objective[key] = value
@@ -377,7 +377,7 @@ def _option_config(variant="full", **objective_fields):
 
 @pytest.fixture(scope="module")
 def tiny_net():
-  from mixskd_jax.train.methods import StepInputs
+  from mixskd_jax.method.methods import StepInputs
   model = _TinyNet()
   rng = np.random.default_rng(3)
   images = jnp.asarray(rng.normal(size=(B, 4, 4, 1)), jnp.float32)
@@ -398,7 +398,7 @@ def test_kl_options_off_trace_exactly_todays_objective(tiny_net, variant):
   """With kl_warmup_epochs = 0 and kl_gate = "none" the method's loss and gradients are the
   same program (jaxpr) as the objective called with the variant's weights, as before the
   options: the same operations, so bit-identical values."""
-  from mixskd_jax.train import methods
+  from mixskd_jax.method import methods
   model, variables, inputs = tiny_net
   method = methods.build_method(_option_config(variant), num_groups=1, steps_per_epoch=3)
 
@@ -527,7 +527,7 @@ def test_method_applies_and_logs_the_options(tiny_net):
   kl_self_teacher; the ramp, the gate and the two accuracies are among the method's terms,
   which the train step logs as train/<name> (steps.train_step; imported here it would pull in
   TensorFlow through the data package)."""
-  from mixskd_jax.train import methods
+  from mixskd_jax.method import methods
   model, variables, inputs = tiny_net
   # alpha = 0: lam = 1, which spares compiling the Beta sampler (seconds on CPU).
   config = _option_config("full", kl_warmup_epochs=2.5, kl_gate="teacher_leads", alpha=0.0)
@@ -549,11 +549,11 @@ def test_method_applies_and_logs_the_options(tiny_net):
 
 
 def test_config_rules_of_the_options():
-  from mixskd_jax import config_schema
-  config_schema.validate(_option_config(kl_warmup_epochs=0.5, kl_gate="teacher_leads"))
+  from mixskd_jax import config as config_lib
+  config_lib.validate(_option_config(kl_warmup_epochs=0.5, kl_gate="teacher_leads"))
   for field, bad, says in (("kl_warmup_epochs", -1.0, "finite number >= 0"),
                            ("kl_gate", "always", "'teacher_leads'")):
-    with pytest.raises(config_schema.ConfigValueError, match=f"objective.{field}.*{says}"):
-      config_schema.validate(_option_config(**{field: bad}))
+    with pytest.raises(config_lib.ConfigValueError, match=f"objective.{field}.*{says}"):
+      config_lib.validate(_option_config(**{field: bad}))
   with pytest.raises(ValueError, match="kl_gate"):
     ObjectiveConfig.for_variant("full", kl_gate="always")

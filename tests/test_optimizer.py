@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixskd_jax import config_schema, objective
+from mixskd_jax import config as config_lib
+from mixskd_jax.method import objective
+from mixskd_jax.method.schedule import reference_schedule
 from mixskd_jax.train import optimizer
-from mixskd_jax.train.schedule import reference_schedule
 
 N = 782  # CIFAR steps per epoch at batch 64
 
@@ -66,7 +67,7 @@ def test_weight_decay_skips_exactly_the_frozen_parameters(variant, frozen):
   """With zero gradients only the coupled decay acts: trained groups move, frozen ones stay."""
   params = {name: {"w": jnp.full((3,), 2.0)} for name in
             ("backbone", "branches_0", "self_teacher", "discriminators")}
-  config = config_schema.base_config()
+  config = config_lib.base_config()
   config.objective.variant = variant
   config.optimizer.warmup_epochs = 0
   config.optimizer.schedule = "constant"

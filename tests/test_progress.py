@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from mixskd_jax import config_schema
-from mixskd_jax.train import preflight, progress
+from mixskd_jax import config as config_lib
+from mixskd_jax.run import dataset_check, preflight, progress
 from tests.training_configs import tiny_config
 
 
@@ -226,22 +226,22 @@ def test_console_format():
     ("data.datadir", "data.data_dir"), ("optimizer.wd", "optimizer.weight_decay"),
     ("objective.weights.feature_ms", "objective.weights.feature_mse")])
 def test_unknown_field_names_the_closest(dotted, suggestion):
-  message = config_schema.unknown_field_error(config_schema.base_config(), dotted)
+  message = config_lib.unknown_field_error(config_lib.base_config(), dotted)
   assert f"did you mean '{suggestion}'?" in message
   assert "\n" not in message
 
 
 def test_known_fields_pass():
-  config = config_schema.base_config()
+  config = config_lib.base_config()
   for dotted in ("batch_size", "optimizer.learning_rate", "data.data_dir",
                  "objective.weights.feature_mse"):
-    assert config_schema.unknown_field_error(config, dotted) is None
+    assert config_lib.unknown_field_error(config, dotted) is None
 
 
 def test_a_field_set_in_code_with_a_typo_fails_the_run(tmp_path):
   config = tiny_config()
   config.optimizer.lr = 0.5  # a typo in Python: an unlocked ConfigDict takes it silently
-  with pytest.raises(preflight.ConfigFieldError, match="did you mean 'optimizer.learning_rate'"):
+  with pytest.raises(config_lib.ConfigFieldError, match="did you mean 'optimizer.learning_rate'"):
     preflight.check_run(config, str(tmp_path / "work"))
   assert not (tmp_path / "work").exists()
 
@@ -261,7 +261,7 @@ def test_workdir_checks(tmp_path):
 
 
 def test_offline_unprepared_dataset_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
-  monkeypatch.setenv(preflight.OFFLINE_ENV, "1")
+  monkeypatch.setenv(dataset_check.OFFLINE_ENV, "1")
   data_dir = tmp_path / "tfds"
   config = tiny_config({"data.name": "cifar10", "data.data_dir": str(data_dir)})
   from mixskd_jax import data
@@ -274,10 +274,10 @@ def test_offline_unprepared_dataset_is_one_error_and_leaves_nothing(tmp_path, mo
   (tmp_path / "idx").mkdir()
   config = tiny_config({"data.data_dir": str(data_dir), "data.idx_dir": str(tmp_path / "idx")})
   with pytest.raises(data.FashionMNISTMissingError, match="dataset-fashion-mnist"):
-    preflight.check_dataset(config.data)
+    dataset_check.check_dataset(config.data)
   assert not data_dir.exists()
 
 
 def test_prepared_or_local_data_passes_offline(monkeypatch):
-  monkeypatch.setenv(preflight.OFFLINE_ENV, "1")
-  preflight.check_dataset(tiny_config().data)  # prepared, or the Debian IDX files
+  monkeypatch.setenv(dataset_check.OFFLINE_ENV, "1")
+  dataset_check.check_dataset(tiny_config().data)  # prepared, or the Debian IDX files

@@ -71,7 +71,7 @@ def test_official_checkpoint_recipe_reproduces_official_step(tmp_path, monkeypat
   the terms equal the official computation's (rel. 1e-4); with the discriminators added as
   README shows, the discriminator term matches too."""
   torch = pytest.importorskip("torch")
-  from mixskd_jax import objective
+  from mixskd_jax.method import objective
   from mixskd_jax.interop.__main__ import main as convert_main
   from tests import torch_reference as tr
 

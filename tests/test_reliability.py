@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixskd_jax import config_schema
-from mixskd_jax.train import checkpoint_digest, run_guard
-from mixskd_jax.train.checkpoint import DAMAGED_DIR, Checkpoints
+from mixskd_jax import config as config_lib
+from mixskd_jax.run import run_guard
+from mixskd_jax.store import checkpoint_digest
+from mixskd_jax.store.checkpoint import DAMAGED_DIR, Checkpoints
 from tests.test_cli import REPO, main as cli
 from tests.test_resume import assert_same_params, command, load, prepared_fashion_mnist  # noqa: F401
 
@@ -137,7 +138,7 @@ def test_missing_commit_markers_are_still_tolerated(tmp_path, three_checkpoints)
 
 
 def test_every_checkpoint_damaged_is_an_error_that_keeps_them_all(tmp_path, three_checkpoints):
-  from mixskd_jax.train.checkpoint import NoUsableCheckpointError
+  from mixskd_jax.store.checkpoint import NoUsableCheckpointError
   workdir = tmp_path / "work"
   shutil.copytree(three_checkpoints, workdir)
   for step in (1, 2, 3):
@@ -150,7 +151,7 @@ def test_every_checkpoint_damaged_is_an_error_that_keeps_them_all(tmp_path, thre
 
 
 def test_an_intact_checkpoint_of_another_model_is_not_called_damaged(tmp_path, three_checkpoints):
-  from mixskd_jax.train.checkpoint import CheckpointMismatchError
+  from mixskd_jax.store.checkpoint import CheckpointMismatchError
   workdir = tmp_path / "work"
   shutil.copytree(three_checkpoints, workdir)
   other = {**_toy_state(0), "w": jnp.zeros((32, 64))}
@@ -182,9 +183,9 @@ def _stored_run(workdir, config):
 
 
 def test_resuming_under_another_config_is_refused_naming_the_fields(tmp_path):
-  config = config_schema.base_config()
+  config = config_lib.base_config()
   _stored_run(tmp_path, config)
-  changed = config_schema.base_config()
+  changed = config_lib.base_config()
   changed.optimizer.learning_rate = 0.3
   changed.objective.variant = "reference_cifar"
   changed.log_every_steps = 7  # free to change: not named
@@ -197,7 +198,7 @@ def test_resuming_under_another_config_is_refused_naming_the_fields(tmp_path):
   assert "--config.resume_policy=allow_changes" in message
   changed.resume_policy = "allow_changes"
   run_guard.check_resume(str(tmp_path), changed, has_checkpoints=True)
-  free = config_schema.base_config()
+  free = config_lib.base_config()
   free.checkpoint_every_steps, free.data.data_dir = 5, "/elsewhere"
   run_guard.check_resume(str(tmp_path), free, has_checkpoints=True)
   run_guard.check_resume(str(tmp_path), changed, has_checkpoints=False)  # nothing to resume
@@ -206,13 +207,13 @@ def test_resuming_under_another_config_is_refused_naming_the_fields(tmp_path):
 def test_a_field_added_after_the_run_was_saved_is_no_change_at_its_default(tmp_path):
   """A workdir saved before a library upgrade added a field resumes when the new field is at
   its default (it trains what the run trained), and is refused when it is not."""
-  config = config_schema.base_config()
+  config = config_lib.base_config()
   _stored_run(tmp_path, config)
   stored = json.loads((tmp_path / "config.json").read_text())
   del stored["objective"]["temperature"], stored["seed"]  # as if added since
   (tmp_path / "config.json").write_text(json.dumps(stored))
-  run_guard.check_resume(str(tmp_path), config_schema.base_config(), has_checkpoints=True)
-  changed = config_schema.base_config()
+  run_guard.check_resume(str(tmp_path), config_lib.base_config(), has_checkpoints=True)
+  changed = config_lib.base_config()
   changed.objective.temperature = 4.0
   with pytest.raises(run_guard.ConfigChangedError, match=r"objective\.temperature \(absent\) "
                      r"-> 4\.0"):
@@ -387,7 +388,7 @@ def _immutable_checkpoints_folder_is_refused_before_training(workdir, args, env)
 @pytest.mark.slow
 def test_a_failing_evaluation_keeps_its_step_checkpointed_and_the_rerun_evaluates_it(
     tmp_path, monkeypatch):
-  from mixskd_jax.train.loop import Trainer
+  from mixskd_jax.run.loop import Trainer
   from tests.training_configs import tiny_config
   workdir = str(tmp_path / "work")
   original = Trainer.evaluate

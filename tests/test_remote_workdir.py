@@ -21,8 +21,8 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 from orbax.checkpoint._src.path import gcs_utils
 
-from mixskd_jax.train import workdir as workdir_lib
-from mixskd_jax.train.loop import Trainer
+from mixskd_jax.run.loop import Trainer
+from mixskd_jax.store import workdir as workdir_lib
 from tests.training_configs import tiny_config
 
 BUCKET = "gs://fake-bucket"

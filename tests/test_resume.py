@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mixskd_jax.data import sources
-from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE
+from mixskd_jax.run.preemption import PREEMPTED_EXIT_CODE
 from tests.training_configs import tiny_config
 
 RUNNER = os.path.join(os.path.dirname(__file__), "train_runner.py")

@@ -11,12 +11,12 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from mixskd_jax import config_schema
-from mixskd_jax.mixing import MixParams, sample_mix
+from mixskd_jax import config as config_lib
+from mixskd_jax.method.methods import build_method, objective_config
+from mixskd_jax.method.mixing import MixParams, sample_mix
+from mixskd_jax.method.objective import apply_mixskd
 from mixskd_jax.models import build_model
-from mixskd_jax.objective import apply_mixskd
 from mixskd_jax.train import sharding, steps
-from mixskd_jax.train.methods import build_method, objective_config
 from mixskd_jax.train.optimizer import build_optimizer
 from mixskd_jax.train.state import TrainState
 from mixskd_jax.train.steps import train_step
@@ -47,7 +47,7 @@ def run_steps(mesh, config, num_groups, batches, dtype=jnp.float32):
 def compare(variant, dtype, rtol):
   devices = jax.devices()
   assert len(devices) == 8, "tests/conftest.py forces 8 host devices"
-  config = config_schema.base_config()
+  config = config_lib.base_config()
   config.objective.variant = variant
   config.optimizer.warmup_epochs = 1
   rng = np.random.default_rng(0)
@@ -87,7 +87,7 @@ def test_grouped_step_equals_independent_devices_in_float64():
   losses and gradients averaged as DDP averages them and their running statistics averaged
   (`batchnorm_running_stats="mean_of_groups"`), to 1e-10 in float64."""
   devices = jax.devices()
-  config = config_schema.base_config()
+  config = config_lib.base_config()
   config.objective.variant = "full"
   config.objective.lam_per_group = True
   config.optimizer.warmup_epochs = 0

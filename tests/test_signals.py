@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from mixskd_jax.train import preflight
-from mixskd_jax.train.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from mixskd_jax.run import dataset_check
+from mixskd_jax.run.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from tests.test_resume import checkpoint_steps
 from tests.test_resume import prepared_fashion_mnist  # noqa: F401  (autouse: data prepared once)
 
@@ -51,7 +51,7 @@ class Command:
     # cache unless `env` names one (a cache hit would leave nothing to interrupt).
     environ = {k: v for k, v in os.environ.items()
                if k not in ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL", "JAX_COMPILATION_CACHE_DIR")}
-    environ.update({preflight.OFFLINE_ENV: "1"}, **env)
+    environ.update({dataset_check.OFFLINE_ENV: "1"}, **env)
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "mixskd_jax.main", *ARGS, f"--workdir={workdir}"], cwd=REPO,
         env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -172,7 +172,7 @@ def test_in_a_notebook_ctrl_c_stays_a_keyboard_interrupt_outside_the_loop():
   """A library user (Python's default SIGINT handler): KeyboardInterrupt before the first
   step, the SIGTERM-like stop after it, KeyboardInterrupt again on a second Ctrl-C, and the
   handlers as they were after the loop; in another thread nothing is installed."""
-  from mixskd_jax.train.preemption import Preemption  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.run.preemption import Preemption  # pylint: disable=import-outside-toplevel
   saved = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     term = signal.getsignal(signal.SIGTERM)

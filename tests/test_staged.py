@@ -12,8 +12,8 @@ from flax import linen as nn
 
 import mixskd_jax as mixskd
 from mixskd_jax.models import build_model
+from mixskd_jax.run.loop import train_and_evaluate
 from mixskd_jax.train import steps
-from mixskd_jax.train.loop import train_and_evaluate
 from mixskd_jax.train.state import TrainState
 from tests.test_configs import load
 

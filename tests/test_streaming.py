@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mixskd_jax import data
-from mixskd_jax.config_schema import base_config
+from mixskd_jax.config.schema import base_config
 from mixskd_jax.data import sources
 from mixskd_jax.data import streaming
 from mixskd_jax.data.tf_setup import hide_accelerators_from_tf

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixskd_jax import mixing, objective
 from mixskd_jax.interop import convert_state_dict
+from mixskd_jax.method import mixing, objective
 from mixskd_jax.models import SPECS, build_model, layers
 from mixskd_jax.models.resnet import ResidualBlock, Stem
 from tests.make_torch_references import OBJ_CLASSES, OBJ_T, PATH, synthetic_state_dict

@@ -12,8 +12,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mixskd_jax import data
-from mixskd_jax.train.divergence import DivergenceError
-from mixskd_jax.train.loop import Trainer, train_and_evaluate
+from mixskd_jax.config.errors import PreflightError
+from mixskd_jax.run.divergence import DivergenceError
+from mixskd_jax.run.loop import Trainer, train_and_evaluate
 from tests.training_configs import tiny_config
 
 
@@ -107,8 +108,12 @@ def test_divergence_stops_the_run_and_keeps_only_checkpoints_from_before_it(tmp_
     ({"model.dtype": "float8"}, "config.model.dtype"),
 ])
 def test_bad_configs_are_clear_errors(tmp_path, overrides, message):
-  with pytest.raises(ValueError, match=message):
-    Trainer(tiny_config(overrides), str(tmp_path))
+  """The run's one check (`preflight.check_run`, the config's door then the device-count
+  rules) refuses each before the trainer is built or the workdir written."""
+  with pytest.raises(PreflightError, match=message) as error:
+    train_and_evaluate(tiny_config(overrides), str(tmp_path / "run"))
+  assert isinstance(error.value, ValueError)  # ConfigValueError: what validate raises
+  assert not (tmp_path / "run").exists()
 
 
 def test_missing_data_offline_is_a_clear_error(tmp_path, fashion_mnist_offline):

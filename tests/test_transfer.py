@@ -22,12 +22,13 @@ from flax import traverse_util
 
 from mixskd_jax import data
 from mixskd_jax.data import sources
+from mixskd_jax.interop import pretrained
 from mixskd_jax.interop import save_converted
 from mixskd_jax.models.registry import build_model
-from mixskd_jax.train import builder, layout, pretrained, sharding
-from mixskd_jax.train import workdir as workdir_lib
-from mixskd_jax.train.checkpoint import Checkpoints
-from mixskd_jax.train.loop import Trainer
+from mixskd_jax.run.loop import Trainer
+from mixskd_jax.store import workdir as workdir_lib
+from mixskd_jax.store.checkpoint import Checkpoints
+from mixskd_jax.train import builder, layout, sharding
 from mixskd_jax.train.state import TrainState
 from tests.test_readme import readme_block
 from tests.training_configs import tiny_config
@@ -297,10 +298,10 @@ def test_readme_fine_tune_command_parses_to_a_valid_config():
   code = ("import json, sys\n"
           "from absl import flags\n"
           "from ml_collections import config_flags\n"
-          "from mixskd_jax import config_schema\n"
+          "from mixskd_jax import config as config_lib\n"
           "config_flags.DEFINE_config_file('config', None, '', lock_config=True)\n"
           "flags.FLAGS(['x'] + sys.argv[1:])\n"
-          "config_schema.validate(flags.FLAGS.config)\n"
+          "config_lib.validate(flags.FLAGS.config)\n"
           "print(json.dumps(flags.FLAGS.config.to_dict()))\n")
   out = subprocess.run([sys.executable, "-c", code, *flags], cwd=REPO, capture_output=True,
                        text=True, timeout=120)

@@ -17,16 +17,16 @@ import numpy as np
 import optax
 import pytest
 
-from mixskd_jax import losses
+from mixskd_jax.interop import pretrained
 from mixskd_jax.interop import save_converted
+from mixskd_jax.method import losses
+from mixskd_jax.method.objective import ObjectiveConfig
+from mixskd_jax.method.optimizer import reference_sgd
+from mixskd_jax.method.schedule import reference_schedule
 from mixskd_jax.models.registry import build_model
-from mixskd_jax.objective import ObjectiveConfig
-from mixskd_jax.train import pretrained
-from mixskd_jax.train.optimizer import reference_sgd
-from mixskd_jax.train.schedule import reference_schedule
 from mixskd_jax.transfer import backbone, config as transfer_config, protocol, run as transfer_run
-from mixskd_jax.transfer import scenes, segmentation, sweep
 from mixskd_jax.transfer import data as transfer_data
+from mixskd_jax.transfer import scenes, segmentation, sweep
 from tests.test_cli import assert_one_line_error, user_env
 from tests.test_readme import readme_block
 from tests.test_transfer import source_workdir  # noqa: F401  (a pytest fixture)

@@ -30,8 +30,8 @@ def main():
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from mixskd_jax.train.loop import Trainer  # pylint: disable=import-outside-toplevel
-  from mixskd_jax.train.preemption import PREEMPTED_EXIT_CODE  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.run.loop import Trainer  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.run.preemption import PREEMPTED_EXIT_CODE  # pylint: disable=import-outside-toplevel
   from tests.training_configs import tiny_config  # pylint: disable=import-outside-toplevel
 
   config = tiny_config(json.loads(args.overrides))

@@ -1,12 +1,12 @@
 """Tiny configs for training tests: real code paths, seconds of compute."""
 
-from mixskd_jax import config_schema
+from mixskd_jax import config as config_lib
 
 
 def tiny_config(overrides=None):
   """Fashion-MNIST (the offline Debian files), small ResNet, MixSKD `full`, 64 training
   images in batches of 16 (4 steps per epoch), 40 test images."""
-  config = config_schema.base_config()
+  config = config_lib.base_config()
   config.model.name = "small_resnet"
   config.data.name = "fashion_mnist"
   config.data.train_examples = 64

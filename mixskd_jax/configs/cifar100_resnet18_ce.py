@@ -7,8 +7,9 @@ with batch 128 and 200 epochs (spec §A.8); this config isolates the method inst
 Time: not measured (no GPU in development).
 """
 
-from mixskd_jax import config_schema, recipes
+from mixskd_jax import config as config_lib
+from mixskd_jax.config import recipes
 
 
 def get_config(arg: str = ""):
-  return config_schema.finalize(recipes.cifar("cifar_resnet18", mixskd=False), arg)
+  return config_lib.finalize(recipes.cifar("cifar_resnet18", mixskd=False), arg)

@@ -1,4 +1,4 @@
-r"""MixSKD, CIFAR-100, ResNet-18: the paper's recipe (spec §C.1, `mixskd_jax.recipes.cifar`).
+r"""MixSKD, CIFAR-100, ResNet-18: the paper's recipe (spec §C.1, `mixskd_jax.config.recipes.cifar`).
 
 The objective variant is selectable after the path: `reference_cifar` reproduces the official
 CIFAR script exactly; `full` (default) is the ImageNet script's objective; `adversarial`
@@ -13,8 +13,9 @@ results.json; the backbone head alone is `best_backbone_top1`).
 Time: not measured (no GPU in development); a MixSKD step costs ~5x a plain ResNet-18 step.
 """
 
-from mixskd_jax import config_schema, recipes
+from mixskd_jax import config as config_lib
+from mixskd_jax.config import recipes
 
 
 def get_config(arg: str = ""):
-  return config_schema.finalize(recipes.cifar("cifar_resnet18"), arg)
+  return config_lib.finalize(recipes.cifar("cifar_resnet18"), arg)

@@ -6,8 +6,9 @@ Expected: not measured; the old official CE baseline for a CIFAR ResNet-50 was 7
 Time: not measured (no GPU in development).
 """
 
-from mixskd_jax import config_schema, recipes
+from mixskd_jax import config as config_lib
+from mixskd_jax.config import recipes
 
 
 def get_config(arg: str = ""):
-  return config_schema.finalize(recipes.cifar("cifar_resnet50", mixskd=False), arg)
+  return config_lib.finalize(recipes.cifar("cifar_resnet50", mixskd=False), arg)

@@ -7,8 +7,9 @@ official CE baseline for a (different) CIFAR ResNet-50 was 77.79%.
 Time: not measured (no GPU in development).
 """
 
-from mixskd_jax import config_schema, recipes
+from mixskd_jax import config as config_lib
+from mixskd_jax.config import recipes
 
 
 def get_config(arg: str = ""):
-  return config_schema.finalize(recipes.cifar("cifar_resnet50"), arg)
+  return config_lib.finalize(recipes.cifar("cifar_resnet50"), arg)

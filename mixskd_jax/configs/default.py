@@ -14,11 +14,11 @@ Shrink any config for a smoke run with the `:smoke` suffix:
 
 import ml_collections
 
-from mixskd_jax import config_schema
+from mixskd_jax import config as config_lib
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  config = config_schema.base_config()
+  config = config_lib.base_config()
   config.model.name = "small_resnet"
   config.data.name = "fashion_mnist"
   config.batch_size = 128
@@ -30,4 +30,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 0.1
   config.optimizer.warmup_epochs = 1
   config.optimizer.weight_decay = 5e-4
-  return config_schema.finalize(config, arg)
+  return config_lib.finalize(config, arg)

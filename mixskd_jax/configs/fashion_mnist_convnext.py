@@ -15,9 +15,10 @@ Time on the 2-core development machine, cores shared with other jobs:
 23 min 49 s (CE 11 min 38 s).
 """
 
-from mixskd_jax import config_schema, recipes
+from mixskd_jax import config as config_lib
+from mixskd_jax.config import recipes
 
 
 def get_config(arg: str = ""):
-  return config_schema.finalize(
+  return config_lib.finalize(
       recipes.fashion_mnist_staged("small_convnext", learning_rate=0.1), arg)

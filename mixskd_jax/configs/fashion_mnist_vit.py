@@ -16,9 +16,10 @@ Time on the 2-core development machine, cores shared with other jobs:
 21 min 18 s (CE 4 min 36 s).
 """
 
-from mixskd_jax import config_schema, recipes
+from mixskd_jax import config as config_lib
+from mixskd_jax.config import recipes
 
 
 def get_config(arg: str = ""):
-  return config_schema.finalize(
+  return config_lib.finalize(
       recipes.fashion_mnist_staged("small_vit", learning_rate=0.03), arg)

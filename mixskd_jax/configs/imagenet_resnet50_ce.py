@@ -7,8 +7,9 @@ Expected: torchvision's recipe gives about 76.1% top-1 for this network (not run
 Time: not measured (no GPU in development).
 """
 
-from mixskd_jax import config_schema, recipes
+from mixskd_jax import config as config_lib
+from mixskd_jax.config import recipes
 
 
 def get_config(arg: str = ""):
-  return config_schema.finalize(recipes.imagenet(mixskd=False), arg)
+  return config_lib.finalize(recipes.imagenet(mixskd=False), arg)

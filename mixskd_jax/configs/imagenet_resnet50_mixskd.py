@@ -1,4 +1,4 @@
-r"""MixSKD, ImageNet, ResNet-50: the official run (spec §C.2, `mixskd_jax.recipes.imagenet`).
+r"""MixSKD, ImageNet, ResNet-50: the official run (spec §C.2, `mixskd_jax.config.recipes.imagenet`).
 
 Needs the ImageNet tars in a tfds manual dir (tfds documents the layout):
 
@@ -15,8 +15,9 @@ Expected: the official README reports 78.76% top-1 (the paper's unverified copy 
 top-5). Time: not measured (no GPU in development); ~22.6 GMACs forward per clean image.
 """
 
-from mixskd_jax import config_schema, recipes
+from mixskd_jax import config as config_lib
+from mixskd_jax.config import recipes
 
 
 def get_config(arg: str = ""):
-  return config_schema.finalize(recipes.imagenet(), arg)
+  return config_lib.finalize(recipes.imagenet(), arg)

@@ -1,8 +1,9 @@
-"""The datasets mixskd-jax trains on: one `DatasetSpec` each, and `get_dataset_info(config.data)`.
+"""The datasets mixskd-jax trains on: one `DatasetSpec` each, and what `config.data` keeps.
 
 A spec holds what never changes for a dataset (tfds name, classes, image shape as the model
-sees it, splits, normalization constants, augmentation); `DatasetInfo` adds the sizes that a
-config's subsetting and caps produce.
+sees it, splits, normalization constants, augmentation); `kept_classes`, `num_classes` and
+`capped` read a config's class subset and caps. This table imports neither TensorFlow nor any
+other mixskd_jax module; `mixskd_jax.data.info.DatasetInfo` adds the sizes that need the data.
 """
 
 from __future__ import annotations
@@ -88,27 +89,6 @@ def get_spec(name: str) -> DatasetSpec:
   return SPECS[name]
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the model and the training loop need to know about the configured data.
-
-  Attributes:
-    name: `config.data.name`.
-    num_classes: number of labels (after `config.data.classes`).
-    image_shape: (H, W, C) of a batch's images.
-    num_train: training examples after the balanced subset and the cap.
-    num_test: test examples after the cap.
-    mean, std: per-channel normalization constants in [0, 1] units, length C.
-  """
-  name: str
-  num_classes: int
-  image_shape: Tuple[int, int, int]
-  num_train: int
-  num_test: int
-  mean: Tuple[float, ...]
-  std: Tuple[float, ...]
-
-
 def kept_classes(data_config: ml_collections.ConfigDict) -> Optional[Tuple[int, ...]]:
   """`config.data.classes` as a tuple of ints (None: every class), checked against the dataset.
 
@@ -136,14 +116,3 @@ def num_classes(data_config: ml_collections.ConfigDict) -> int:
 def capped(n: int, cap: Optional[int]) -> int:
   """min(n, cap), where cap None means no cap."""
   return n if cap is None else min(n, int(cap))
-
-
-def get_dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
-  """Sizes and constants of `config.data`. Loads the labels (or reads tfds metadata) once."""
-  from mixskd_jax.data import sources  # pylint: disable=import-outside-toplevel  (TF is heavy)
-  spec = get_spec(data_config.name)
-  return DatasetInfo(
-    name=spec.name, num_classes=num_classes(data_config), image_shape=spec.image_shape,
-    num_train=sources.num_train_examples(data_config),
-    num_test=sources.num_test_examples(data_config),
-    mean=spec.mean, std=spec.std)

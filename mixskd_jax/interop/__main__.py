@@ -33,8 +33,8 @@ import jax
 from mixskd_jax.interop import export
 from mixskd_jax.interop.checkpoint_io import read_state_dict, save_converted
 from mixskd_jax.interop.convert import ConversionRefused, convert_state_dict, export_backbone
+from mixskd_jax.interop.pretrained import PretrainedError, load_trained
 from mixskd_jax.models.registry import RESNETS, build_model
-from mixskd_jax.train.pretrained import PretrainedError, load_trained
 
 EXPORT, IMPORT = "export-torch", "import-torch"
 

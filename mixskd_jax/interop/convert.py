@@ -58,6 +58,35 @@ def abstract_variables(model: nn.Module, in_channels: int) -> Variables:
   return jax.eval_shape(lambda: model.init(jax.random.key(0), x))
 
 
+def _place_tensors(tensors: Mapping[str, np.ndarray], target: Mapping[tuple[str, ...], Any],
+                   mixskd: bool) -> tuple[dict[tuple[str, ...], np.ndarray], list[str], list[str]]:
+  """Puts every tensor at its flat Flax key, in the Flax layout and float32.
+
+  Returns (filled, unexpected, mismatched): the placed arrays by flat key; the tensor names
+  with no place in `target`; one line per tensor whose shape differs from its place's.
+  """
+  filled: dict[tuple[str, ...], np.ndarray] = {}
+  unexpected, mismatched = [], []
+  for name, array in tensors.items():
+    if name.endswith(keymap.IGNORED_SUFFIX):
+      continue
+    try:
+      collection, path, leaf = keymap.flax_location(name, mixskd)
+    except KeyError:
+      unexpected.append(name)
+      continue
+    flat_key = (collection,) + path + (leaf,)
+    value = _to_flax_layout(array, leaf)
+    if flat_key not in target:
+      unexpected.append(name)
+    elif value.shape != target[flat_key].shape:
+      mismatched.append(f"{name}: {array.shape} -> {value.shape}, model wants "
+                        f"{target[flat_key].shape} at {'/'.join(flat_key)}")
+    else:
+      filled[flat_key] = value.astype(np.float32)
+  return filled, unexpected, mismatched
+
+
 def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *,
                        discriminator_key: jax.Array | None = None) -> Variables:
   """Maps a PyTorch state dict onto `model`'s variables, checking every key and shape.
@@ -87,25 +116,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *,
     raise ValueError(f"The state dict has no {stem_key!r}: it is not a checkpoint of this model "
                      f"({type(model).__name__}). First keys: {sorted(tensors)[:5]}")
   target = traverse_util.flatten_dict(abstract_variables(model, tensors[stem_key].shape[1]))
-  filled: dict[tuple[str, ...], np.ndarray] = {}
-  unexpected, mismatched = [], []
-  for name, array in tensors.items():
-    if name.endswith(keymap.IGNORED_SUFFIX):
-      continue
-    try:
-      collection, path, leaf = keymap.flax_location(name, mixskd)
-    except KeyError:
-      unexpected.append(name)
-      continue
-    flat_key = (collection,) + path + (leaf,)
-    value = _to_flax_layout(array, leaf)
-    if flat_key not in target:
-      unexpected.append(name)
-    elif value.shape != target[flat_key].shape:
-      mismatched.append(f"{name}: {array.shape} -> {value.shape}, model wants "
-                        f"{target[flat_key].shape} at {'/'.join(flat_key)}")
-    else:
-      filled[flat_key] = value.astype(np.float32)
+  filled, unexpected, mismatched = _place_tensors(tensors, target, mixskd)
   missing = [k for k in target if k not in filled]
   if mixskd and discriminator_key is not None and missing and all(
       k[:2] == ("params", "discriminators") for k in missing):

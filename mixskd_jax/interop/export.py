@@ -42,7 +42,7 @@ def check_exportable(model_name: str) -> None:
     kind = type(SPECS[model_name]).__name__ if model_name in SPECS else "unknown model"
     raise ExportRefused(f"{model_name!r} ({kind}) has no PyTorch layout: export-torch writes "
                         f"our ResNets only ({', '.join(RESNETS)}); load other models in JAX "
-                        "with mixskd_jax.train.pretrained.load_trained.")
+                        "with mixskd_jax.interop.pretrained.load_trained.")
 
 
 def resolve_layout(model_name: str, layout: str, *, whole_mixskd: bool) -> str:

@@ -1,7 +1,7 @@
 """MixSKD's training-only heads, usable with any model: self-teacher and discriminators.
 
 The self-teacher takes the list of per-head final features (feature maps or token sequences,
-`mixskd_jax.pooling`), the discriminators one pooled vector per head, so a user's own network
+`mixskd_jax.models.pooling`), the discriminators one pooled vector per head, so a user's own network
 that returns one final feature tensor per head can be trained with the MixSKD objective.
 """
 
@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mixskd_jax import pooling as pooling_lib
 from mixskd_jax.models import layers
+from mixskd_jax.models import pooling as pooling_lib
 
 Dtype = Any
 
@@ -30,7 +30,7 @@ class SelfTeacher(nn.Module):
     num_classes: outputs.
     width: channels after the 1x1 conv; None uses the channels of one input feature map
       (the official model: 4 * 512 * expansion -> 512 * expansion).
-    pooling: the features' layout and how they are pooled (`mixskd_jax.pooling.POOLINGS`).
+    pooling: the features' layout and how they are pooled (`mixskd_jax.models.pooling.POOLINGS`).
   """
   num_classes: int
   width: int | None = None

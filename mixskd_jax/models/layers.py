@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mixskd_jax.config.choices import RUNNING_STATS
 Dtype = Any
 
 INIT_SCHEMES = ("torch_default", "kaiming_fan_out")
@@ -81,7 +82,6 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-RUNNING_STATS = ("mean_of_groups", "first_group")
 
 
 class BatchNorm(nn.Module):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mixskd_jax import pooling as pooling_lib
+from mixskd_jax.models import pooling as pooling_lib
 from mixskd_jax.models.heads import FeatureDiscriminators, SelfTeacher
 from mixskd_jax.models.outputs import ModelOutputs
 
@@ -86,7 +86,7 @@ class StagedClassifier(nn.Module):
     num_classes: outputs of the head.
     stem: factory of the module before the first stage, or None.
     head: head factory (`dense_head` by default).
-    pooling: the last stage's layout and its pooling (`mixskd_jax.pooling.POOLINGS`).
+    pooling: the last stage's layout and its pooling (`mixskd_jax.models.pooling.POOLINGS`).
     dtype: the input is cast to it; the modules choose their own compute dtypes.
     frozen_backbone: the stem and stages run in inference mode whatever `train` says:
       BatchNorm normalizes with its running statistics and leaves them unchanged (the

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-CPU_CONVOLUTIONS = ("auto", "eigen", "xla_default")
+from mixskd_jax.config.choices import CPU_CONVOLUTIONS
 # Models measured faster with XLA's default convolutions ("auto" leaves them alone).
 AUTO_XLA_DEFAULT = ("small_resnet",)
 KEEP_BARRIERS = ("xla_disable_hlo_passes", "cse_barrier_expander")

@@ -15,12 +15,12 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from mixskd_jax import trainable
+from mixskd_jax.method import trainable
+from mixskd_jax.method.methods import Method, build_method
 from mixskd_jax.models import compiler_options
 from mixskd_jax.models.registry import build_model_from_config
 from mixskd_jax.models.staged import HEAD
 from mixskd_jax.train import sharding, steps
-from mixskd_jax.train.methods import Method, build_method
 from mixskd_jax.train.optimizer import build_optimizer
 from mixskd_jax.train.state import TrainState
 

@@ -29,9 +29,12 @@ from __future__ import annotations
 import ml_collections
 from absl import logging
 
+from mixskd_jax.config.errors import ConfigValueError
 
-def _err(field: str, message: str) -> ValueError:
-  return ValueError(f"config.{field}: {message}")
+
+def _err(field: str, message: str) -> ConfigValueError:
+  """The config's own error type (a ValueError): the command prints it in one line, exit 2."""
+  return ConfigValueError(f"config.{field}: {message}")
 
 
 def global_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -81,11 +84,13 @@ def batchnorm_groups(requested: int, num_mix_groups: int) -> int:
   return requested
 
 
-def resolve(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
-  """A copy of `config` with its device-dependent fields resolved for `num_devices`.
+def resolve(config: ml_collections.ConfigDict, num_devices: int, *,
+            log_costs: bool = True) -> ml_collections.ConfigDict:
+  """A copy of `config` with its device-dependent fields resolved for `num_devices`; with
+  `log_costs`, says which groups make devices exchange more than gradients.
 
   Raises:
-    ValueError naming the field when a batch, group count or learning-rate rule does not fit.
+    ConfigValueError (a ValueError) naming the field when a batch, group count or learning-rate rule does not fit.
   """
   c = config.copy_and_resolve_references()
   c.unlock()
@@ -107,7 +112,8 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int) -> ml_collectio
       raise _err("optimizer.lr_reference_batch", f"{reference} must be positive (or None).")
     c.optimizer.learning_rate = config.optimizer.learning_rate * c.batch_size / reference
     c.optimizer.lr_reference_batch = None  # applied: a resolved config is not scaled twice
-  _log_costs(c, num_devices)
+  if log_costs:
+    _log_costs(c, num_devices)
   return c
 
 

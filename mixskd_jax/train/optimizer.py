@@ -1,25 +1,16 @@
-"""The reference optimizer: coupled L2 weight decay, then (Nesterov) SGD with momentum,
-applied only to the parameters the objective's variant trains."""
+"""The run's optimizer from `config.optimizer`: the reference SGD (`method.optimizer`) on the
+reference schedule, applied only to the parameters the objective's variant trains."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import ml_collections
 import optax
 
-from mixskd_jax.trainable import partitioned
-from mixskd_jax.train.schedule import reference_schedule
-
-if TYPE_CHECKING:  # `import mixskd_jax` needs only JAX, Flax and optax (a bare Colab has them)
-  import ml_collections
-
-
-def reference_sgd(learning_rate: optax.ScalarOrSchedule, *, momentum: float, nesterov: bool,
-                  weight_decay: float) -> optax.GradientTransformation:
-  """PyTorch `SGD(lr, momentum, nesterov, weight_decay)`: decay is added to the gradient
-  before the momentum trace (coupled L2), and optax's trace matches PyTorch's (dampening 0)."""
-  return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+from mixskd_jax.method.optimizer import reference_sgd
+from mixskd_jax.method.schedule import reference_schedule
+from mixskd_jax.method.trainable import partitioned
 
 
 def build_optimizer(config: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int,

@@ -15,8 +15,8 @@ import optax
 from flax import linen as nn
 
 from mixskd_jax.data import normalize
+from mixskd_jax.method.methods import Method, StepInputs
 from mixskd_jax.models.staged import MixSKDNetwork
-from mixskd_jax.train.methods import Method, StepInputs
 from mixskd_jax.train.state import TrainState
 
 

@@ -22,13 +22,13 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 if __name__ == "__main__":  # before anything imports TensorFlow (tfds): a quiet start-up
-  from mixskd_jax.train import progress as _progress
+  from mixskd_jax.run import progress as _progress
   _progress.quiet_tensorflow_startup()
 
 # pylint: disable=wrong-import-position
 from mixskd_jax.data.sources import DatasetUnavailableError
-from mixskd_jax.train import progress
-from mixskd_jax.train.pretrained import PretrainedError
+from mixskd_jax.interop.pretrained import PretrainedError
+from mixskd_jax.run import progress
 # pylint: enable=wrong-import-position
 
 USAGE_ERROR_EXIT_CODE = 2

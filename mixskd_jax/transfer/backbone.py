@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mixskd_jax import pooling as pooling_lib
+from mixskd_jax.interop import pretrained
 from mixskd_jax.models import build_model
-from mixskd_jax.train import pretrained
+from mixskd_jax.models import pooling as pooling_lib
 
 # (N, H, W, C) uint8 images -> (N, H, W, C) normalized float32 inputs.
 Normalize = Callable[[jax.Array], jax.Array]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from flax import traverse_util
 
-from mixskd_jax import pooling as pooling_lib
-from mixskd_jax.train import pretrained
+from mixskd_jax.interop import pretrained
+from mixskd_jax.models import pooling as pooling_lib
 from mixskd_jax.transfer import backbone
 from mixskd_jax.transfer.tasks import Source
 

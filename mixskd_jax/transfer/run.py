@@ -16,7 +16,7 @@ from typing import Callable
 
 import ml_collections
 
-from mixskd_jax.train import pretrained
+from mixskd_jax.interop import pretrained
 from mixskd_jax.transfer import classification, diagnostics, protocol, scenes, sweep, tasks
 from mixskd_jax.transfer import data as data_lib
 from mixskd_jax.transfer.config import TASKS

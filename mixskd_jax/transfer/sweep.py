@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mixskd_jax.train.optimizer import reference_sgd
-from mixskd_jax.train.schedule import reference_schedule
+from mixskd_jax.method.optimizer import reference_sgd
+from mixskd_jax.method.schedule import reference_schedule
 
 # loss_fn(params, state, inputs, targets) -> (scalar loss, new state): one copy, one batch.
 LossFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]

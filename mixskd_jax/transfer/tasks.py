@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixskd_jax.data import normalize
-from mixskd_jax.train import pretrained
+from mixskd_jax.interop import pretrained
 from mixskd_jax.transfer import backbone, classification, scenes, segmentation, sweep
 from mixskd_jax.transfer.data import Downstream, Split
 
