@@ -36,7 +36,7 @@ from mixskd_jax.config import recipes
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-  """One row of a table: `method` (train.methods.METHODS), MixSKD `variant`, weight and other
+  """One row of a table: `method` (config.choices.METHODS), MixSKD `variant`, weight and other
   config overrides."""
   name: str
   method: str

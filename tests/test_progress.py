@@ -202,8 +202,8 @@ def record(pathname, message, level=std_logging.INFO):
      "Downloading and preparing dataset cifar100", std_logging.INFO, True),
     ("/x/site-packages/clu/metric_writers/logging_writer.py", "[2] train/loss=23.03",
      std_logging.INFO, False),
-    ("/repo/mixskd_jax/train/loop.py", "step 2/4 (50.0%)", std_logging.INFO, True),
-    ("/repo/mixskd_jax/train/loop.py", "Preempted at step 3", std_logging.WARNING, True),
+    ("/repo/mixskd_jax/run/loop.py", "step 2/4 (50.0%)", std_logging.INFO, True),
+    ("/repo/mixskd_jax/run/loop.py", "Preempted at step 3", std_logging.WARNING, True),
 ])
 def test_quiet_libraries_filter_is_narrow(pathname, message, level, shown):
   assert progress.QuietLibraries().filter(record(pathname, message, level)) == shown
@@ -211,9 +211,9 @@ def test_quiet_libraries_filter_is_narrow(pathname, message, level, shown):
 
 def test_console_format():
   formatter = progress.ConsoleFormatter()
-  info = record("/repo/mixskd_jax/train/loop.py", "step 2/4")
+  info = record("/repo/mixskd_jax/run/loop.py", "step 2/4")
   assert formatter.format(info).split(" ", 1)[1] == "step 2/4"
-  warning = record("/repo/mixskd_jax/train/loop.py", "careful", std_logging.WARNING)
+  warning = record("/repo/mixskd_jax/run/loop.py", "careful", std_logging.WARNING)
   assert formatter.format(warning).split(" ", 1)[1] == "WARNING [loop:1] careful"
 
 

@@ -1,7 +1,7 @@
 """A pre-trained backbone on the downstream task: loaded, re-normalized, read out.
 
 `downstream_variables` builds the plain network of the source's architecture with a fresh head
-for the downstream classes and copies the source's backbone into it (`train.pretrained`: any
+for the downstream classes and copies the source's backbone into it (`interop.pretrained`: any
 workdir of ours, one checkpoint step, or a converted official checkpoint; a mismatch is a
 one-line `PretrainedError`). `reestimate_batch_stats` replaces the BatchNorm running statistics
 with the downstream data's own (a pass in train mode that updates nothing else), and

@@ -39,7 +39,7 @@ class Recipe:
     epochs: passes over the training examples.
     batch_size: examples per step; the remainder of an epoch is dropped.
     warmup_epochs: epochs of per-step linear warm-up before the per-epoch schedule.
-    schedule: `train.schedule.SCHEDULES` ("cosine", "constant", "multistep").
+    schedule: `config.choices.SCHEDULES` ("cosine", "constant", "multistep").
     momentum, nesterov, weight_decay: the reference SGD's (coupled L2 decay).
   """
   epochs: int
