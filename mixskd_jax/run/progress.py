@@ -23,16 +23,15 @@ from typing import Any, Callable, Mapping, Optional
 
 from absl import logging
 
-from mixskd_jax.run.console import (
-    _QUIET_INFO, _QUIET_WARNING, _TF_STARTUP_NOISE, ConsoleFormatter, QuietLibraries,
-    configure_console, print_lines, quiet_tensorflow_startup)
+from mixskd_jax.run.console import (ConsoleFormatter, QuietLibraries, configure_console,
+                                    print_lines, quiet_tensorflow_startup)
 
 __all__ = [
     "REPORT_EVERY_S", "WINDOW_MIN_S", "WINDOW_REPORTS", "ProgressReporter", "format_duration",
     "format_eval", "format_rate", "heads", "one_line_summary", "summary_lines",
     # Re-exported from run.console (moved there; importable from here as before).
     "ConsoleFormatter", "QuietLibraries", "configure_console", "print_lines",
-    "quiet_tensorflow_startup", "_QUIET_INFO", "_QUIET_WARNING", "_TF_STARTUP_NOISE",
+    "quiet_tensorflow_startup",
 ]
 
 REPORT_EVERY_S = 60.0  # a progress line at least this often, whatever log_every_steps says
