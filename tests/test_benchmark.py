@@ -23,6 +23,7 @@ from mixskd_jax import benchmark
 from mixskd_jax import config as config_lib
 from mixskd_jax.method import mixing, objective
 from mixskd_jax.models import SPECS, build_model, compiler_options, xla_options
+from mixskd_jax.models.layers import BatchNorm
 from tests.training_configs import tiny_config
 
 
@@ -259,16 +260,36 @@ def test_compiler_options_follow_the_config():
   if jax.default_backend() != "cpu":
     pytest.skip("the compiler options apply to XLA:CPU")
   barrier, eigen = dict([xla_options.KEEP_BARRIERS]), dict([xla_options.EIGEN_CONVOLUTIONS])
-  assert compiler_options(_model_config(conv_input_barrier=True, cpu_convolutions="auto")) == \
-      barrier  # small_resnet: YNNPACK measured faster
-  assert compiler_options(_model_config(name="cifar_resnet18", conv_input_barrier=True,
-                                        cpu_convolutions="auto")) == {**barrier, **eigen}
+  assert compiler_options(_model_config(name="small_convnext", conv_input_barrier=True,
+                                        cpu_convolutions="auto")) == \
+      barrier  # depthwise 7x7 convolutions: YNNPACK measured faster
+  for resnet in ("small_resnet", "cifar_resnet18"):
+    assert compiler_options(_model_config(name=resnet, conv_input_barrier=True,
+                                          cpu_convolutions="auto")) == {**barrier, **eigen}
   assert compiler_options(_model_config(cpu_convolutions="eigen")) == eigen
   assert compiler_options(_model_config()) == {}
   assert compiler_options(_model_config(conv_input_barrier=True), platform="gpu") == {}
   with pytest.raises(ValueError, match="config.model.cpu_convolutions"):
     compiler_options(_model_config(cpu_convolutions="onednn"))
   assert not xla_options._accepted("xla_no_such_option", True)  # left out, not an error
+
+
+def test_batchnorm_statistics_stay_plain_reductions_with_eigen_convolutions():
+  """Guards the Eigen option's value: naming only YNNPACK's dots also took the reductions away
+  from it, and XLA:CPU then split each BatchNorm statistic over a 32x32 map into a slow
+  32-row `reduce-window`; with YNNPACK keeping the reductions there is none."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the compiler options apply to XLA:CPU")
+  options = compiler_options(_model_config(cpu_convolutions="eigen"))
+  if not options:
+    pytest.skip("this jax's XLA:CPU has no YNNPACK fusion option")
+  norm = BatchNorm()
+  x = jnp.zeros((64, 32, 32, 4))
+  variables = norm.init(jax.random.key(0), x, train=False)
+  loss = lambda v, x: jnp.sum(norm.apply(v, x, train=True, mutable=["batch_stats"])[0] ** 2)
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options).lower(
+      variables, x).compile()
+  assert "reduce-window" not in compiled.as_text()
 
 
 def _benchmark_command(*args, env=None):

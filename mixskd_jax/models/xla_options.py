@@ -9,10 +9,12 @@ in one process; README "Benchmark"), both leaving the computed values unchanged:
   pass keeps them through fusion on both (the CPU runtime runs a barrier as a no-op).
   CIFAR ResNet-18 MixSKD step -10%, plain step -16%; small_resnet MixSKD -8%.
 * `config.model.cpu_convolutions` picks the convolution library: "eigen" (XLA's own Eigen
-  kernels; YNNPACK then only runs matmuls), "xla_default" (YNNPACK convolutions in jax >=
-  0.10), or "auto": "eigen" except for the models in `AUTO_XLA_DEFAULT`. With the barrier,
-  Eigen is faster on the CIFAR ResNets (ResNet-18 MixSKD -15%, plain -3%; ResNet-50 plain -3%)
-  and slower on small_resnet's 16-64-channel maps (+9%).
+  kernels; YNNPACK keeps matmuls and reductions), "xla_default" (YNNPACK convolutions in jax
+  >= 0.10), or "auto": "eigen" except for the models in `AUTO_XLA_DEFAULT`. Measured with the
+  barrier (jax 0.10.2, 2-core Xeon, A/B in one process): Eigen is faster on the ResNets
+  (small_resnet MixSKD step 648 -> 433 ms, plain 178 -> 124 ms; CIFAR ResNet-18 MixSKD
+  -15%), slower on ConvNeXt's depthwise 7x7 convolutions (1620 -> 1957 ms) and equal on the
+  ViT (825 vs 827 ms), whose only convolution is the patch embedding.
 
 An option this jax version does not know is left out (checked once by compiling a tiny
 function), so older and newer versions compile the step with what they support.
@@ -27,11 +29,15 @@ import jax
 import jax.numpy as jnp
 
 from mixskd_jax.config.choices import CPU_CONVOLUTIONS
-# Models measured faster with XLA's default convolutions ("auto" leaves them alone).
-AUTO_XLA_DEFAULT = ("small_resnet",)
+# Models measured no faster with Eigen's convolutions ("auto" leaves them to XLA's default).
+AUTO_XLA_DEFAULT = ("small_convnext", "small_vit")
 KEEP_BARRIERS = ("xla_disable_hlo_passes", "cse_barrier_expander")
+# YNNPACK keeps the dots and the reductions, Eigen gets the convolutions. Naming only the dots
+# would also take the reductions from YNNPACK, and XLA:CPU then splits every BatchNorm
+# statistic into a `reduce-window` over 32-row windows (its tree-reduction rewrite), which ran
+# at well under 1 GB/s: 65% of the CIFAR ResNet-18 MixSKD step's op time.
 EIGEN_CONVOLUTIONS = ("xla_cpu_experimental_ynn_fusion_type",
-                      "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
+                      "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE")
 
 
 @functools.lru_cache(maxsize=None)
