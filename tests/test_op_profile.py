@@ -37,10 +37,14 @@ def test_a_traced_gradient_shows_its_convolutions():
   assert profile["calls"] == 2 and profile["total_s"] > 0
   assert "convolution" in profile["kinds"]  # the weight gradient is a convolution
   assert abs(sum(profile["kinds"].values()) - profile["total_s"]) < 1e-9
+  assert profile["wall_s"] > 0 and profile["threads"] >= 1
   assert list(profile["ops"].values()) == sorted(profile["ops"].values(), reverse=True)
   text = op_profile.format_profile(profile, top=3)
   assert text.splitlines()[0].startswith("ops' time per step by kind")
   assert "convolution" in text
+  untimed = next(line for line in text.splitlines() if line.startswith("not in any op's time"))
+  capacity_ms = profile["wall_s"] * profile["threads"] * 1e3
+  assert untimed.split()[5] == f"{max(capacity_ms - profile['total_s'] * 1e3, 0.0):.1f}"
 
 
 def test_benchmark_command_prints_the_profile():
