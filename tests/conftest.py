@@ -39,7 +39,29 @@ def _run_slow(config) -> bool:
   return config.getoption("--slow") or os.environ.get(SLOW_ENV, "") not in ("", "0")
 
 
+# The files with the longest slow tier (multi-process runs, kill-and-resume chains), heaviest
+# first (measured with --durations). With `-n 2 --dist loadfile` a file is one unit of work,
+# handed to whichever process is free, in collection order: starting the long files first
+# keeps one process from running a three-minute file alone at the end. xdist would otherwise
+# order files by their number of tests (`--loadscope-reorder`), which puts these last.
+HEAVIEST_FILES = ("test_reliability.py", "test_multihost.py", "test_resume.py",
+                  "test_experiments.py", "test_staged.py", "test_communication.py",
+                  "test_transfer_protocol.py", "test_configs.py", "test_benchmark.py",
+                  "test_notebooks.py", "test_sharding.py", "test_train_loop.py")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False  # keep the order below (pytest-xdist)
+
+
+def _heaviest_first(item) -> int:
+  name = os.path.basename(str(item.fspath))
+  return HEAVIEST_FILES.index(name) if name in HEAVIEST_FILES else len(HEAVIEST_FILES)
+
+
 def pytest_collection_modifyitems(config, items):
+  items.sort(key=_heaviest_first)  # stable: each file keeps its own order
   if _run_slow(config):
     return
   skip = pytest.mark.skip(reason="slow tier: run with --slow")
