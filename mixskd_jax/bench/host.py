@@ -26,6 +26,12 @@ DATASHEET_BF16_TFLOPS = (
     ("TPU v6e", 918.0),
 )
 
+def usable_cpus() -> int:
+  """The CPUs this process may run on (its affinity mask where the OS has one): the threads
+  XLA:CPU and PyTorch each get."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def device_info() -> dict[str, Any]:
   device = jax.devices()[0]
   cpu = platform.processor()

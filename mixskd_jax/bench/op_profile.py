@@ -27,6 +27,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from mixskd_jax.bench.host import usable_cpus
 from mixskd_jax.bench.step import compile_step
 
 # (kind, substrings of an HLO op name), first match wins: XLA names an op after what it does
@@ -93,9 +94,8 @@ def profile_calls(fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
   kinds = collections.Counter()
   for op, s in ops.items():
     kinds[kind_of(op)] += s
-  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return {"calls": calls, "ops": ops, "kinds": dict(kinds.most_common()),
-          "total_s": sum(ops.values()), "wall_s": wall, "threads": threads}
+          "total_s": sum(ops.values()), "wall_s": wall, "threads": usable_cpus()}
 
 
 def profile_step(config: ml_collections.ConfigDict, *, steps: int = 3,

@@ -124,7 +124,7 @@ def compare_with_torch(config: ml_collections.ConfigDict, *, rounds: int = 3, st
   against PyTorch (module docstring); the results as a dict for `format_comparison`."""
   check_comparable(config)
   torch, _ = load_torch()
-  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  threads = benchmark_host.usable_cpus()
   torch.set_num_threads(threads)
   probe = benchmark_host.matmul_probe(2048, iterations=1)
   steps_to_compare = [config]
