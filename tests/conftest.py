@@ -27,6 +27,12 @@ if os.environ.get("MIXSKD_REQUIRE_TORCH"):
 
 import pytest  # noqa: E402  (after the environment set-up above)
 
+from mixskd_jax import backends  # noqa: E402
+
+# JAX's backends start here, once per test process: with libtpu installed (a test requirement)
+# its start-up lines would otherwise reach the test logs (mixskd_jax/backends.py).
+backends.start()
+
 SLOW_ENV = "MIXSKD_SLOW_TESTS"
 
 

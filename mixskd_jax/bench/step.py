@@ -16,6 +16,7 @@ and images/s are global. `mixskd_jax.benchmark` re-exports these.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Any
@@ -33,14 +34,14 @@ from mixskd_jax.train import builder, layout, sharding
 _NOMINAL_STEPS_PER_EPOCH = 1000
 
 
-def _flops(cost: Any) -> float | None:
+def flops_of(cost: Any) -> float | None:
   """'flops' from a cost analysis: a dict, or a list of dicts in some JAX versions."""
   entries = cost if isinstance(cost, (list, tuple)) else [cost]
   values = [e.get("flops") for e in entries if isinstance(e, dict) and e.get("flops") is not None]
   return float(sum(values)) if values else None
 
 
-def _memory(compiled) -> dict[str, Any]:
+def memory_of(compiled) -> dict[str, Any]:
   """Peak bytes per device from the compiled step's memory analysis.
 
   `peak_bytes` is the larger of XLA's `peak_memory_in_bytes` and arguments + outputs -
@@ -63,19 +64,36 @@ def _memory(compiled) -> dict[str, Any]:
   return out
 
 
+def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{field: (shape, dtype)} of a global train batch as the input pipeline yields it: uint8
+  images, int32 labels, and the extra fields the method needs (`data.example_ids`,
+  `data.class_pairs`)."""
+  spec = datasets.get_spec(config.data.name)
+  b = config.batch_size
+  shapes = {"image": ((b,) + tuple(spec.image_shape), np.uint8), "label": ((b,), np.int32)}
+  if config.data.get("example_ids", False):
+    shapes["example_id"] = ((b,), np.int32)
+  if config.data.get("class_pairs", False):
+    shapes["pair_image"] = shapes["image"]
+    shapes["pair_label"] = shapes["label"]
+  return shapes
+
+
 def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-  """A global batch as the input pipeline yields it: uint8 images, int32 labels, and the extra
-  fields the method needs (`data.example_ids`, `data.class_pairs`)."""
+  """A global batch of `batch_shapes(config)`: random images and labels; example ids 0..B-1
+  (rows of a one-batch PS-KD table); same-class pairs carry the batch's own labels."""
   spec = datasets.get_spec(config.data.name)
   rng = np.random.default_rng(seed)
-  b = config.batch_size
-  batch = {"image": rng.integers(0, 256, (b,) + spec.image_shape, dtype=np.uint8),
-           "label": rng.integers(0, spec.num_classes, b).astype(np.int32)}
-  if config.data.get("example_ids", False):
-    batch["example_id"] = np.arange(b, dtype=np.int32)  # rows of a one-batch PS-KD table
-  if config.data.get("class_pairs", False):
-    batch["pair_image"] = rng.integers(0, 256, batch["image"].shape, dtype=np.uint8)
-    batch["pair_label"] = batch["label"]
+  batch = {}
+  for name, (shape, dtype) in batch_shapes(config).items():
+    if name.endswith("image"):
+      batch[name] = rng.integers(0, 256, shape, dtype=dtype)
+    elif name == "example_id":
+      batch[name] = np.arange(shape[0], dtype=dtype)
+    elif name == "pair_label":
+      batch[name] = batch["label"]
+    else:
+      batch[name] = rng.integers(0, spec.num_classes, shape).astype(dtype)
   return batch
 
 
@@ -117,39 +135,72 @@ class StepRunner:
     return times
 
 
-def compile_step(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], StepRunner]:
-  """Compiles `config`'s train step as the trainer does (AOT: nothing is allocated yet) and
-  returns (its analysis: compile times, FLOPs, memory, communication; a StepRunner)."""
-  mesh = sharding.make_mesh()
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """A train step compiled ahead of time for a mesh: the resolved config, the built run, the
+  abstract (shape-only) state, the executable and its lowering and compile seconds."""
+  config: ml_collections.ConfigDict
+  built: Any
+  mesh: Any
+  abstract_state: Any
+  compiled: Any
+  lower_s: float
+  compile_s: float
+
+
+def lower_train_step(config: ml_collections.ConfigDict, mesh) -> tuple[Any, ...]:
+  """(resolved config, built run, abstract state, lowered step, lowering seconds) of
+  `config`'s train step built as the trainer builds it for `mesh` (any mesh: this host's
+  devices, or a TPU slice described on it), lowered with abstract arguments."""
   config, built = _build(config, mesh)
-  step, init_state = built.train_step, built.init_state
   repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   key = jax.random.key(config.seed)
   abstract_state = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-      jax.eval_shape(init_state, key))
-  batch = synthetic_batch(config)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data)
-                    for k, v in batch.items()}
+      jax.eval_shape(built.init_state, key))
+  abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=data)
+                    for k, (shape, dtype) in batch_shapes(config).items()}
   abstract_key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=repl)
   t0 = time.perf_counter()
-  lowered = step.lower(abstract_state, abstract_batch, abstract_key)
-  t1 = time.perf_counter()
+  lowered = built.train_step.lower(abstract_state, abstract_batch, abstract_key)
+  return config, built, abstract_state, lowered, time.perf_counter() - t0
+
+
+def compile_train_step(config: ml_collections.ConfigDict, mesh) -> CompiledStep:
+  """`lower_train_step`, compiled. Nothing is allocated."""
+  config, built, abstract_state, lowered, lower_s = lower_train_step(config, mesh)
+  t0 = time.perf_counter()
   compiled = lowered.compile()
-  t2 = time.perf_counter()
-  out = {"method": config.get("method") or ("mixskd" if config.model.mixskd else
-                                            "cross_entropy"),
-         "model": config.model.name, "dtype": config.model.dtype,
-         "batch_size": config.batch_size, "devices": mesh.size,
-         "mix_groups": config.objective.mix_groups,
-         "batchnorm_groups": config.model.batchnorm_groups,
-         "lower_s": t1 - t0, "compile_s": t2 - t1,
-         "flops_per_step_per_device": _flops(compiled.cost_analysis()),
-         "memory": _memory(compiled),
-         "communication": collectives.communication(compiled),
-         "parameter_bytes": sum(x.size * x.dtype.itemsize for x in
-                                jax.tree_util.tree_leaves(abstract_state.params))}
-  return out, StepRunner(compiled, init_state, batch, key, mesh)
+  return CompiledStep(config=config, built=built, mesh=mesh, abstract_state=abstract_state,
+                      compiled=compiled, lower_s=lower_s, compile_s=time.perf_counter() - t0)
+
+
+def analysis(step: CompiledStep) -> dict[str, Any]:
+  """What the benchmark reports of a compiled step: its config's method, model, dtype, batch,
+  devices and groups; lowering and compile seconds; FLOPs, memory and collectives per device;
+  the parameters' bytes."""
+  config, compiled = step.config, step.compiled
+  return {"method": config.get("method") or ("mixskd" if config.model.mixskd else
+                                             "cross_entropy"),
+          "model": config.model.name, "dtype": config.model.dtype,
+          "batch_size": config.batch_size, "devices": step.mesh.size,
+          "mix_groups": config.objective.mix_groups,
+          "batchnorm_groups": config.model.batchnorm_groups,
+          "lower_s": step.lower_s, "compile_s": step.compile_s,
+          "flops_per_step_per_device": flops_of(compiled.cost_analysis()),
+          "memory": memory_of(compiled),
+          "communication": collectives.communication(compiled),
+          "parameter_bytes": sum(x.size * x.dtype.itemsize for x in
+                                 jax.tree_util.tree_leaves(step.abstract_state.params))}
+
+
+def compile_step(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], StepRunner]:
+  """Compiles `config`'s train step as the trainer does, on this host's devices (AOT: nothing
+  is allocated yet) and returns (its `analysis`, a StepRunner)."""
+  step = compile_train_step(config, sharding.make_mesh())
+  return analysis(step), StepRunner(step.compiled, step.built.init_state,
+                                    synthetic_batch(step.config),
+                                    jax.random.key(step.config.seed), step.mesh)
 
 
 def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,

@@ -16,9 +16,9 @@ import json
 import os
 from typing import Any
 
-import jax
 import ml_collections
 
+from mixskd_jax import backends
 from mixskd_jax.bench.host import datasheet_peak_tflops, device_info, matmul_probe, \
     measure_pipeline
 from mixskd_jax.bench.step import measure_step
@@ -48,7 +48,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 10, warmup:
   """
   # Resolved once for these devices (idempotent: measure_step resolves again), so the pipeline
   # reads the same global batch the step runs.
-  config = layout.resolve(config, jax.device_count())
+  config = layout.resolve(config, len(backends.start()))
   info = device_info()
   on_cpu = info["platform"] == "cpu"
   probe = matmul_probe(probe_size or (2048 if on_cpu else 8192), iterations=1 if on_cpu else 20)

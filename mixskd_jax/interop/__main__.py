@@ -30,6 +30,7 @@ import sys
 
 import jax
 
+from mixskd_jax import backends
 from mixskd_jax.interop import export
 from mixskd_jax.interop.checkpoint_io import read_state_dict, save_converted
 from mixskd_jax.interop.convert import ConversionRefused, convert_state_dict, export_backbone
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> str:
 
 def run() -> int:
   """The command: `main`, with a refusal as one line on stderr and exit status 2."""
+  backends.start()  # before the first key or array: no libtpu lines on a CPU host
   try:
     main()
   except ConversionRefused as e:

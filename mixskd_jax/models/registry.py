@@ -97,7 +97,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_model_from_config(model_config: Any, num_classes: int, *,
-                            frozen_backbone: bool = False) -> nn.Module:
+                            frozen_backbone: bool = False,
+                            platform: str | None = None) -> nn.Module:
   """The model `config.model` describes (the trainer and the benchmark build it here).
 
   Args:
@@ -106,6 +107,8 @@ def build_model_from_config(model_config: Any, num_classes: int, *,
       for the devices: `train.layout.resolve`), batchnorm_running_stats.
     num_classes: classes of every head (the dataset's).
     frozen_backbone: `config.init_from.freeze_backbone` (`build_model`).
+    platform: the platform the model is compiled for ("cpu", "gpu", "tpu"; None: the default
+      backend's). A step compiled ahead of time for a TPU slice on a CPU host names "tpu".
   """
   if model_config.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={model_config.dtype!r} must be one of "
@@ -120,7 +123,7 @@ def build_model_from_config(model_config: Any, num_classes: int, *,
                      # Measured on CPU only (xla_options.py); GPU and TPU compilers keep
                      # their own fusion choices.
                      conv_input_barrier=(bool(model_config.conv_input_barrier)
-                                         and jax.default_backend() == "cpu"),
+                                         and (platform or jax.default_backend()) == "cpu"),
                      remat_branches=bool(model_config.remat_branches),
                      batchnorm_groups=groups,
                      batchnorm_running_stats=model_config.get("batchnorm_running_stats",

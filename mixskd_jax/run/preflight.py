@@ -90,11 +90,13 @@ def check_layout(config: ml_collections.ConfigDict) -> None:
   BatchNorm groups), for the devices this run has: a `ConfigValueError` before any data is
   read. Starts the multi-host runtime first when the config asks for it (`run/distributed.py`),
   since JAX counts every process's devices only then."""
-  import jax  # pylint: disable=import-outside-toplevel  (the checks above need no JAX)
-  from mixskd_jax.run import distributed  # pylint: disable=import-outside-toplevel
-  from mixskd_jax.train import layout  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel  (the checks above need no JAX)
+  from mixskd_jax import backends
+  from mixskd_jax.run import distributed
+  from mixskd_jax.train import layout
   distributed.maybe_initialize(config.distributed)
-  layout.resolve(config, jax.device_count(), log_costs=False)  # the trainer says them
+  # The first use of a device in a run: JAX's backends start here, without libtpu's lines.
+  layout.resolve(config, len(backends.start()), log_costs=False)  # the trainer says them
 
 
 def check_run(config: ml_collections.ConfigDict, workdir: str, *,

@@ -75,7 +75,11 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, data: DataShape, 
     steps_per_epoch, num_epochs: the schedule's length (the step's cost does not depend on it).
   """
   frozen = freezes_backbone(config)
-  model = build_model_from_config(config.model, data.num_classes, frozen_backbone=frozen)
+  # The mesh's devices name the compiler, not the host's backend: a step compiled ahead of time
+  # for a TPU slice on a CPU host must not carry XLA:CPU's choices (bench/aot.py).
+  platform = sharding.platform(mesh)
+  model = build_model_from_config(config.model, data.num_classes, frozen_backbone=frozen,
+                                  platform=platform)
   method = build_method(config, num_groups=config.objective.mix_groups,
                         steps_per_epoch=steps_per_epoch, num_epochs=num_epochs)
   dummy = jax.ShapeDtypeStruct((1,) + tuple(data.image_shape), jnp.float32)
@@ -98,7 +102,7 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, data: DataShape, 
   train_step = jax.jit(
       functools.partial(steps.train_step, method=method, tx=tx, schedule=schedule, **common),
       in_shardings=(repl, batch, repl), out_shardings=(repl, repl), donate_argnums=(0,),
-      compiler_options=compiler_options(config.model) or None)
+      compiler_options=compiler_options(config.model, platform) or None)
   eval_step = jax.jit(
       functools.partial(steps.eval_step, calibration_bins=config.eval_calibration_bins,
                         **common),

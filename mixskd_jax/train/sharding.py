@@ -12,12 +12,21 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mixskd_jax import backends
+
 DATA_AXIS = "data"
 
 
 def make_mesh() -> Mesh:
-  """All devices of all processes along one 'data' axis."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+  """All devices of all processes along one 'data' axis (starting JAX's backends quietly:
+  `backends.start`)."""
+  return Mesh(np.asarray(backends.start()), (DATA_AXIS,))
+
+
+def platform(mesh: Mesh) -> str:
+  """The platform the mesh's devices belong to ("cpu", "gpu", "tpu"), which names the compiler
+  a step on it is built for (a TPU slice described on a CPU host: "tpu")."""
+  return mesh.devices.flat[0].platform
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -26,6 +26,7 @@ if __name__ == "__main__":  # before anything imports TensorFlow (tfds): a quiet
   _progress.quiet_tensorflow_startup()
 
 # pylint: disable=wrong-import-position
+from mixskd_jax import backends
 from mixskd_jax.data.sources import DatasetUnavailableError
 from mixskd_jax.interop.pretrained import PretrainedError
 from mixskd_jax.run import progress
@@ -46,6 +47,7 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   progress.configure_console()
+  backends.start()  # before the first array: no libtpu lines on a CPU host
   from mixskd_jax.transfer import run  # pylint: disable=import-outside-toplevel
   config = FLAGS.config
   if FLAGS.init_from:
