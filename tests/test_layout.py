@@ -77,6 +77,25 @@ def test_per_device_batch_and_linear_learning_rate():
   assert layout.resolve(c, 32).optimizer.learning_rate == pytest.approx(0.4)
 
 
+@pytest.mark.parametrize("mixskd,tokens,per_device,reference", [
+    (True, "", 16, 128), (False, "", 32, 256), (True, "cross_entropy", 16, 128),
+    (True, "mixup", 16, 128), (True, "byot", 16, 128), (True, "cs_kd", 16, 128)])
+@pytest.mark.parametrize("devices", [8, 64, 256])
+def test_every_imagenet_recipe_scales_per_device(mixskd, tokens, per_device, reference,
+                                                 devices):
+  """MixSKD and every baseline on ImageNet (the CE recipe, and the methods trained on the
+  MixSKD recipe): a fixed per-device batch, one BatchNorm group per device (as the DDP runs
+  without SyncBN the numbers come from), the linear learning rate from 0.1 at the official
+  batch, which 8 devices reproduce."""
+  c = config_lib.finalize(config_lib.recipes.imagenet(mixskd=mixskd), tokens)
+  r = layout.resolve(c, devices)
+  assert (r.per_device_batch_size, r.batch_size) == (per_device, per_device * devices)
+  assert r.model.batchnorm_groups == r.objective.mix_groups == devices
+  assert r.optimizer.learning_rate == pytest.approx(0.1 * per_device * devices / reference)
+  if devices == 8:
+    assert (r.batch_size, r.optimizer.learning_rate) == (reference, pytest.approx(0.1))
+
+
 def test_mix_groups_merge_devices_that_hold_too_few_examples():
   assert layout.resolve(config(batch_size=64), 8).objective.mix_groups == 8
   assert layout.resolve(config(batch_size=64), 16).objective.mix_groups == 8

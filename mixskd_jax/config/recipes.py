@@ -55,16 +55,19 @@ def imagenet(*, mixskd: bool = True) -> ml_collections.ConfigDict:
   pairs, mixes (with its own lam) and batch-normalizes its own 16 clean + 16 mixed images;
   305 epochs: 5 of per-step warm-up then per-epoch cosine; SGD momentum 0.9 without Nesterov,
   weight decay 1e-4, lr 0.1; alpha 0.2, T = 3; RandomResizedCrop(224) + flip, test
-  Resize(256) + CenterCrop(224). The plain-CE variant is the script's default baseline recipe:
-  batch 256, 100 epochs, x0.1 at 30/60/90, no warm-up.
+  Resize(256) + CenterCrop(224). The plain-CE variant is the script's default baseline recipe
+  (torchvision's): 256 images per step over 8 GPUs under DDP, 100 epochs, x0.1 at 30/60/90, no
+  warm-up.
 
-  On any slice the unit is the GPU's: 16 clean images per device (`per_device_batch_size`),
-  one mix group, one lam and one BatchNorm group per device, so devices exchange only the
-  gradients. The global batch is 16 x devices (128 on 8, as the official run; 1,024 on 64) and
-  the learning rate follows the linear rule, 0.1 x batch / 128 (`lr_reference_batch`), with
-  the 5 warm-up epochs kept. The running BatchNorm statistics are the mean of the devices'
-  (`model.batchnorm_running_stats`; "first_group" keeps rank 0's, what the official
-  checkpoint holds).
+  On any slice the unit is the GPU's: 16 clean images per device for MixSKD, 32 for CE
+  (`per_device_batch_size`), one mix group, one lam and one BatchNorm group per device, so
+  devices exchange only the gradients. Both put 32 rows per device through the network
+  (MixSKD's 16 clean + 16 mixed), and each BatchNorm group is those 32 rows, as on the GPUs the
+  numbers come from. The global batch is per-device x devices (on 8 devices 128 and 256, the
+  official runs) and the learning rate follows the linear rule from 0.1 at the official batch
+  (`lr_reference_batch`: 128, 256), MixSKD keeping its 5 warm-up epochs. The running BatchNorm
+  statistics are the mean of the devices' (`model.batchnorm_running_stats`; "first_group"
+  keeps rank 0's, what the official checkpoint holds).
   """
   c = base_config()
   c.model.name = "imagenet_resnet50"
@@ -77,21 +80,22 @@ def imagenet(*, mixskd: bool = True) -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 1e-4
   c.log_every_steps = 500
   c.checkpoint_every_steps = 10000
+  c.batch_size = -1
+  c.objective.mix_groups = -1
+  c.model.batchnorm_groups = -1
   if mixskd:
-    c.batch_size = -1
     c.per_device_batch_size = 16
     c.optimizer.lr_reference_batch = 128
     c.num_epochs = 305
     c.objective.variant = "full"
     c.objective.alpha = 0.2
     c.objective.temperature = 3.0
-    c.objective.mix_groups = -1
     c.objective.lam_per_group = True
-    c.model.batchnorm_groups = -1
     c.optimizer.warmup_epochs = 5
     c.optimizer.schedule = "cosine"
   else:
-    c.batch_size = 256
+    c.per_device_batch_size = 32
+    c.optimizer.lr_reference_batch = 256
     c.num_epochs = 100
     c.optimizer.warmup_epochs = 0
     c.optimizer.schedule = "multistep"
