@@ -68,11 +68,11 @@ def run(config, *, topology: str, num_slices: int = 1, fit: bool = False,
 
 def main(argv):
   """CLI: the flags below plus `--config` and its `--config.<field>` overrides."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from mixskd_jax.bench import aot_table  # pylint: disable=import-outside-toplevel
-  from mixskd_jax.bench.tpu_slice import (LibtpuMissingError,  # pylint: disable=import-outside-toplevel
-                                          TopologyError)
-  from mixskd_jax.config.errors import ConfigValueError  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel  (nothing heavy loads before the flags are read)
+  from absl import flags
+  from mixskd_jax.bench import aot_table
+  from mixskd_jax.bench.tpu_slice import LibtpuMissingError, TopologyError
+  from mixskd_jax.config.errors import ConfigValueError
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag.")
   f = flags.FLAGS

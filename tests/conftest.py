@@ -50,7 +50,7 @@ def _run_slow(config) -> bool:
 # handed to whichever process is free, in collection order: starting the long files first
 # keeps one process from running a three-minute file alone at the end. xdist would otherwise
 # order files by their number of tests (`--loadscope-reorder`), which puts these last.
-HEAVIEST_FILES = ("test_reliability.py", "test_multihost.py", "test_resume.py",
+HEAVIEST_FILES = ("test_reliability.py", "test_multihost.py", "test_resume.py", "test_aot.py",
                   "test_experiments.py", "test_staged.py", "test_communication.py",
                   "test_transfer_protocol.py", "test_configs.py", "test_benchmark.py",
                   "test_notebooks.py", "test_sharding.py", "test_train_loop.py")

@@ -64,7 +64,7 @@ def usable_hbm_bytes(tpu: TpuSlice) -> int:
   return tpu.hbm_bytes_per_device
 
 
-def _cost_model_seconds(cost: Any) -> float | None:
+def cost_model_seconds(cost: Any) -> float | None:
   """The TPU cost model's step estimate ("optimal_seconds"); None where it gives none or a
   non-positive number (v5e in libtpu 0.0.42 returns a negative one)."""
   entries = cost if isinstance(cost, (list, tuple)) else [cost]
@@ -76,10 +76,13 @@ def _cost_model_seconds(cost: Any) -> float | None:
 
 
 def _fit(memory: dict[str, Any], usable: int) -> dict[str, Any]:
-  peak = memory.get("peak_bytes")
+  """A compiled step fits: the TPU compiler refuses one that does not (RESOURCE_EXHAUSTED).
+  Its headroom is the usable HBM less the compiler's own peak, which counts what is live at
+  once (below arguments + outputs - donated + temporaries, the bound `peak_bytes` is)."""
+  peak = memory.get("peak_memory_in_bytes") or memory.get("peak_bytes")
   if peak is None:
-    return {"fits": None}
-  return {"fits": peak <= usable, "headroom_bytes": usable - peak}
+    return {"fits": True}
+  return {"fits": True, "peak_bytes": peak, "headroom_bytes": usable - peak}
 
 
 def _compiled_report(compiled, abstract_params, usable: int, lower_s: float,
@@ -90,7 +93,7 @@ def _compiled_report(compiled, abstract_params, usable: int, lower_s: float,
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract_params))
   return {"lower_s": lower_s, "compile_s": compile_s, "memory": memory, **_fit(memory, usable),
           "flops_per_step_per_device": step_lib.flops_of(cost),
-          "cost_model_seconds": _cost_model_seconds(cost), "communication": comm,
+          "cost_model_seconds": cost_model_seconds(cost), "communication": comm,
           "activation_check": collectives.activation_check(comm, param_bytes)}
 
 

@@ -106,12 +106,9 @@ def _compile_at(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int,
   def compile_at(per_device: int) -> tuple[bool, int | None]:
     report, _ = aot.compile_train(with_per_device_batch(config, per_device), tpu, usable)
     if report["fits"]:
-      peaks[per_device] = report["memory"]["peak_bytes"]
-      return True, report["memory"]["peak_bytes"]
-    oom = report.get("out_of_memory") or {}
-    if report["fits"] is None:  # no memory analysis: count it as fitting, the compile worked
-      return True, None
-    return False, oom.get("needed_bytes")
+      peaks[per_device] = report.get("peak_bytes")
+      return True, report.get("peak_bytes")
+    return False, (report.get("out_of_memory") or {}).get("needed_bytes")
   return compile_at
 
 

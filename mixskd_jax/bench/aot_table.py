@@ -26,11 +26,9 @@ def _header(r: dict[str, Any], label: str) -> list[str]:
 
 
 def _fits(step: dict[str, Any]) -> str:
-  if step.get("fits") is None:
-    return "unknown"
   headroom = step.get("headroom_bytes")
   if step["fits"]:
-    return f"yes, {_gib(headroom)} free"
+    return "yes" if headroom is None else f"yes, {_gib(headroom)} free"
   return "NO" + ("" if headroom is None else f": over by {_gib(-headroom)}")
 
 
@@ -53,8 +51,9 @@ def _rows(step: dict[str, Any]) -> list[tuple[str, str]]:
       ("HBM outputs", _gib(memory.get("output_size_in_bytes"))),
       ("  donated (aliased)", _gib(memory.get("alias_size_in_bytes"))),
       ("HBM temporaries", _gib(memory.get("temp_size_in_bytes"))),
-      ("HBM peak", _gib(memory.get("peak_bytes")) if not oom else
+      ("HBM peak (compiler)", _gib(step.get("peak_bytes")) if not oom else
        f"needs {_gib(oom['needed_bytes'])}"),
+      ("  args+outs-donated+temps", _gib(memory.get("peak_bytes"))),
       ("fits the chip", _fits(step)),
       ("GFLOP / step", "-" if flops is None else f"{flops / 1e9:,.1f}"),
       ("cost model step time", "not available" if cost is None else f"{cost * 1e3:.1f} ms"),
