@@ -70,7 +70,7 @@ def main(argv):
   """CLI: the flags below plus `--config` and its `--config.<field>` overrides."""
   # pylint: disable=import-outside-toplevel  (nothing heavy loads before the flags are read)
   from absl import flags
-  from mixskd_jax.bench import aot_table
+  from mixskd_jax.bench import aot_table, command_line
   from mixskd_jax.bench.tpu_slice import LibtpuMissingError, TopologyError
   from mixskd_jax.config.errors import ConfigValueError
   if len(argv) > 1:
@@ -80,29 +80,18 @@ def main(argv):
     result = run(f.config, topology=f.topology, num_slices=f.num_slices, fit=f.fit,
                  fit_granularity=f.fit_granularity, fit_dtypes=tuple(f.fit_dtypes),
                  fit_remats=REMATS[f.fit_remat], with_eval=not f.skip_eval,
-                 json_out=f.json_out, label=_config_label())
+                 json_out=f.json_out, label=command_line.config_label())
   except (TopologyError, LibtpuMissingError, ConfigValueError) as e:
     _fail(str(e))
   if not f.fit and result["train_step"]["fits"] is False:
     _fail(aot_table.does_not_fit_line(result))
 
 
-def _config_label() -> str:
-  """The --config argument as given (path and ':tokens'), for the report's title."""
-  for arg in sys.argv[1:]:
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-  return ""
-
-
 if __name__ == "__main__":
   from absl import app, flags
-  from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file(
-      "config", None, "Path to a config file: configs/NAME.py in a checkout, or the one "
-      "`python -m mixskd_jax.configs NAME` prints.", lock_config=True)
-  flags.mark_flags_as_required(["config"])
+  from mixskd_jax.bench.command_line import define_config_flag
+  define_config_flag()
   flags.DEFINE_string("topology", None, "The TPU slice, GENERATION:SHAPE: v5e:2x2, v5e:16x16, "
                       "v4:2x2x4, v5p:4x4x8, v6e:8x8, v2:4x4, v3:4x4.")
   flags.mark_flags_as_required(["topology"])

@@ -49,6 +49,7 @@ __all__ = ["DATASHEET_BF16_TFLOPS", "StepRunner", "compile_step", "datasheet_pea
 def main(argv):
   """CLI: the flags below plus `--config` and its `--config.<field>` overrides."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.bench import command_line  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
@@ -59,35 +60,23 @@ def main(argv):
     return
   if f.against == "torch":
     from mixskd_jax.bench import side_by_side  # pylint: disable=import-outside-toplevel
-    side_by_side.main(f, label=_config_label())
+    side_by_side.main(f, label=command_line.config_label())
     return
   result = run_benchmark(f.config, steps=f.steps, warmup=f.warmup, skip_ce=f.skip_ce,
                          skip_pipeline=f.skip_pipeline, peak_gflops=f.peak_gflops,
                          probe_size=f.probe_size, pipeline_batches=f.pipeline_batches,
                          pipeline_mock_examples=f.pipeline_mock_examples, json_out=f.json_out,
-                         label=_config_label())
+                         label=command_line.config_label())
   print(format_table(result))
   if f.json_out:
     print(f"\nwrote {f.json_out}")
 
 
-def _config_label() -> str:
-  """The --config argument as given (path and ':tokens'), for the table's title."""
-  import sys  # pylint: disable=import-outside-toplevel
-  for arg in sys.argv[1:]:
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-  return ""
-
-
 if __name__ == "__main__":
   from absl import app, flags
-  from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file(
-      "config", None, "Path to a config file: configs/NAME.py in a checkout, or the one "
-      "`python -m mixskd_jax.configs NAME` prints.", lock_config=True)
-  flags.mark_flags_as_required(["config"])
+  from mixskd_jax.bench.command_line import define_config_flag
+  define_config_flag()
   flags.DEFINE_integer("steps", 10, "Timed steps (after --warmup); 0: compile and analyse only.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
   flags.DEFINE_string("json_out", None, "Write the results as JSON to this path.")
