@@ -2,13 +2,17 @@ r"""The TPU-compiler analyses behind experiments/SCALING.md, one `python -m mixs
 command each, run in order and resumed: a run whose JSON exists is skipped.
 
   python -m experiments.tpu_aot [--only=NAME,...] [--list]
+  python -m experiments.tpu_aot --tables     # the markdown tables SCALING.md quotes
 
 Each run writes experiments/results/tpu_aot/NAME.json (the command's --json_out) and NAME.txt
-(what it printed). R50 MixSKD compiles take about 5 minutes each on the 2-core development
-machine, a fit several of them.
+(what it printed). R50 MixSKD compiles take 5 to 8 minutes each on the 2-core development
+machine, a fit several of them. `--tables` renders the finished runs' JSON as the tables of
+experiments/SCALING.md (tests/test_aot.py checks that the document quotes them as rendered).
 """
 
 import argparse
+import glob
+import json
 import os
 import subprocess
 import sys
@@ -24,13 +28,13 @@ RUNS = (
     ("mixskd_v5e_2x2_f32", MIXSKD, "v5e:2x2", ()),
     ("ce_v5e_2x2_f32", CE, "v5e:2x2", ()),
     ("mixskd_v5e_2x2_bf16", MIXSKD, "v5e:2x2", BF16),
+    ("mixskd_v5e_16x16_f32", MIXSKD, "v5e:16x16", ("--skip_eval",)),
     ("mixskd_v4_2x2x1_f32", MIXSKD, "v4:2x2x1", ("--skip_eval",)),
     ("mixskd_v5p_2x2x1_f32", MIXSKD, "v5p:2x2x1", ("--skip_eval",)),
     ("mixskd_v6e_2x2_f32", MIXSKD, "v6e:2x2", ("--skip_eval",)),
-    ("mixskd_v5e_16x16_f32", MIXSKD, "v5e:16x16", ("--skip_eval",)),
+    ("fit_mixskd_v5e_2x2", MIXSKD, "v5e:2x2", ("--fit", "--fit_remat=False")),
     ("mixskd_v5e_2x2_f32_128", MIXSKD, "v5e:2x2", ("--skip_eval",
                                                    "--config.per_device_batch_size=128")),
-    ("fit_mixskd_v5e_2x2", MIXSKD, "v5e:2x2", ("--fit", "--fit_remat=False")),
     ("ce_v5p_2x2x1_f32", CE, "v5p:2x2x1", ("--skip_eval",)),
     ("mixskd_v4_2x2x1_bf16", MIXSKD, "v4:2x2x1", BF16 + ("--skip_eval",)),
     ("mixskd_v5p_2x2x1_bf16", MIXSKD, "v5p:2x2x1", BF16 + ("--skip_eval",)),
@@ -46,11 +50,95 @@ def command(config: str, topology: str, extra, json_out: str) -> list[str]:
           f"--topology={topology}", f"--json_out={json_out}", *extra]
 
 
+GIB = 2 ** 30
+
+
+def _load(name: str) -> dict | None:
+  path = os.path.join(OUT, f"{name}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _collectives(step: dict) -> str:
+  by_kind = step["communication"]["by_kind"]
+  return ", ".join(f"{v['count']} {kind} {v['bytes'] / 1e6:.1f} MB"
+                   for kind, v in sorted(by_kind.items())) or "none"
+
+
+def step_table() -> str:
+  """Per chip, every finished single-compile run: the train step (and eval step where
+  compiled) at its batch, as the TPU compiler analysed it."""
+  rows = ["| run | slice | method, dtype | per chip / global batch | train: HBM peak (compiler) "
+          "| args + outputs - donated + temps | GFLOP / step / chip | collectives per step "
+          "| activation bytes | eval: HBM peak (batch / chip) | compile (train) |",
+          "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
+  for name, *_ in RUNS:
+    r = _load(name)
+    if r is None or name.startswith("fit_"):
+      continue
+    train = r["train_step"]
+    method = "MixSKD" if r["method"] == "mixskd" else "CE"
+    chips = f"{r['topology']} ({r['devices']} x {r['device_kind']}, {r['processes']} host(s))"
+    batch = f"{r['per_device_batch_size']} / {r['global_batch_size']}"
+    if train.get("out_of_memory"):
+      need = train["out_of_memory"]["needed_bytes"]
+      rows.append(f"| {name} | {chips} | {method}, {r['dtype']} | {batch} | does not fit: "
+                  f"needs {need / GIB:.2f} of {r['hbm_usable_bytes_per_device'] / GIB:.2f} GiB "
+                  f"| - | - | - | - | - | {train['compile_s']:.0f} s |")
+      continue
+    memory = train["memory"]
+    evaluation = r.get("eval_step")
+    eval_cell = ("-" if evaluation is None else
+                 f"{evaluation['memory']['peak_memory_in_bytes'] / GIB:.2f} GiB "
+                 f"({r['eval_batch_size'] // r['devices']})")
+    rows.append(
+        f"| {name} | {chips} | {method}, {r['dtype']} | {batch} "
+        f"| {memory['peak_memory_in_bytes'] / GIB:.2f} of "
+        f"{r['hbm_usable_bytes_per_device'] / GIB:.2f} GiB | {memory['peak_bytes'] / GIB:.2f} GiB "
+        f"| {train['flops_per_step_per_device'] / 1e9:,.1f} | {_collectives(train)} "
+        f"| {train['communication']['data_moving_bytes']} | {eval_cell} "
+        f"| {train['compile_s']:.0f} s |")
+  return "\n".join(rows)
+
+
+def fit_table() -> str:
+  """Every finished fit: the largest per-chip batch per dtype and remat setting."""
+  rows = ["| slice | dtype | remat_branches | largest per chip | HBM peak there (compiler) "
+          "| usable HBM | global batch, lr on this slice | compiles (batches tried) |",
+          "|---|---|---|---:|---:|---:|---|---|"]
+  for path in sorted(glob.glob(os.path.join(OUT, "fit_*.json"))):
+    with open(path) as f:
+      fit = json.load(f)
+    for row in fit["rows"]:
+      largest = row["largest_per_device_batch"]
+      tried = ", ".join(f"{b}{'' if m['fits'] else ' x'}" for b, m in row["measured"].items())
+      peak = row.get("peak_bytes")
+      rows.append(
+          f"| {fit['topology']} ({fit['device_kind']}) | {row['dtype']} | "
+          f"{row['remat_branches']} | {largest if largest is not None else 'none'} | "
+          f"{'-' if peak is None else f'{peak / GIB:.2f} GiB'} | "
+          f"{fit['hbm_usable_bytes'] / GIB:.2f} GiB | "
+          f"{row.get('global_batch_size', '-')}, {row.get('learning_rate', float('nan')):g} | "
+          f"{row['compiles']} ({tried}) |")
+  return "\n".join(rows)
+
+
+def tables() -> str:
+  return (f"<!-- tpu_aot: steps -->\n{step_table()}\n<!-- /tpu_aot -->\n\n"
+          f"<!-- tpu_aot: fits -->\n{fit_table()}\n<!-- /tpu_aot -->")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--only", default="", help="comma-separated run names")
   parser.add_argument("--list", action="store_true", help="print the commands and exit")
+  parser.add_argument("--tables", action="store_true", help="print SCALING.md's tables")
   args = parser.parse_args()
+  if args.tables:
+    print(tables())
+    return
   only = set(filter(None, args.only.split(",")))
   os.makedirs(OUT, exist_ok=True)
   root = os.path.join(os.path.dirname(__file__), os.pardir)

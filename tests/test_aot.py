@@ -6,6 +6,7 @@ start-up lines kept out of a CPU command's output."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -309,3 +310,44 @@ def test_backends_start_without_libtpus_lines(capfd):
            "from env var TPU_WORKER_HOSTNAMES.\n=== Source Location Trace: ===\n"
            "learning/45eac/tfrc/runtime/libtpu_init_utils.cc:327\nanother line\n")
   assert backends.without_noise(noisy) == "a line of ours\nanother line\n"
+
+
+# --- the pod documentation -------------------------------------------------------------------
+
+SCALING = os.path.join(ROOT, "experiments", "SCALING.md")
+
+
+def test_scaling_quotes_the_tpu_compilers_tables_as_rendered():
+  """Every figure of SCALING.md's tables is the committed output of `python -m mixskd_jax.aot`
+  (experiments/results/tpu_aot/*.json), rendered by `python -m experiments.tpu_aot --tables`."""
+  from experiments import tpu_aot  # pylint: disable=import-outside-toplevel
+  with open(SCALING) as f:
+    text = f.read()
+  rendered = tpu_aot.tables()
+  assert rendered in text, "rerun python -m experiments.tpu_aot --tables into SCALING.md"
+  assert rendered.count("\n|") >= 8  # the tables hold rows, not only their headers
+
+
+def documented_aot_commands():
+  commands = []
+  for path in (SCALING, os.path.join(ROOT, "README.md")):
+    with open(path) as f:
+      text = f.read().replace("\\\n", " ")
+    for line in text.splitlines():
+      if "python -m mixskd_jax.aot " in line:
+        commands.append(line.split("python -m mixskd_jax.aot ", 1)[1].split("`")[0].split())
+  return commands
+
+
+def test_documented_aot_commands_name_real_configs_topologies_and_flags():
+  commands = documented_aot_commands()
+  assert len(commands) >= 3
+  with open(os.path.join(ROOT, "mixskd_jax", "aot.py")) as f:
+    source = f.read()
+  known = {"--" + name for name in re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source)}
+  assert {"--config", "--topology", "--fit"} <= known
+  for args in commands:
+    options = dict(a.split("=", 1) if "=" in a else (a, "") for a in args if a.startswith("--"))
+    assert os.path.exists(os.path.join(ROOT, options["--config"].split(":")[0])), args
+    tpu_slice.parse(options["--topology"])
+    assert {k for k in options if not k.startswith("--config.")} <= known, args
