@@ -187,6 +187,7 @@ def test_fit_report_gives_the_batch_and_learning_rate_of_the_scaling_rule(monkey
   assert f32["global_batch_size"] == 4 * 136
   assert f32["learning_rate"] == pytest.approx(0.1 * 4 * 136 / 128)
   assert f32["peak_bytes"] == int(1 * GIB + 0.1 * GIB * 136)
+  assert f32["train_step"] == {"fits": True, "peak_bytes": f32["peak_bytes"]}  # its report
   assert seen[0] == (16, "float32", False)  # from the recipe's own per-chip batch
   assert {s[1:] for s in seen} == {("float32", False), ("bfloat16", False)}
   assert "136" in aot_table.format_fit(result)

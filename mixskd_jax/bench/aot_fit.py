@@ -102,11 +102,11 @@ def largest_fitting(compile_at: Callable[[int], tuple[bool, int | None]], start:
 
 
 def _compile_at(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int,
-                peaks: dict[int, int]) -> Callable[[int], tuple[bool, int | None]]:
+                reports: dict[int, dict]) -> Callable[[int], tuple[bool, int | None]]:
   def compile_at(per_device: int) -> tuple[bool, int | None]:
     report, _ = aot.compile_train(with_per_device_batch(config, per_device), tpu, usable)
+    reports[per_device] = report
     if report["fits"]:
-      peaks[per_device] = report.get("peak_bytes")
       return True, report.get("peak_bytes")
     return False, (report.get("out_of_memory") or {}).get("needed_bytes")
   return compile_at
@@ -118,9 +118,9 @@ def fit_row(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int, *, dt
   rate a run at it trains with."""
   base = with_per_device_batch(config, 1, dtype=dtype, remat=remat)
   start = layout.resolve(config, tpu.num_devices, log_costs=False).per_device_batch_size
-  peaks: dict[int, int] = {}
+  reports: dict[int, dict] = {}
   t0 = time.perf_counter()
-  largest, measured = largest_fitting(_compile_at(base, tpu, usable, peaks), start, usable,
+  largest, measured = largest_fitting(_compile_at(base, tpu, usable, reports), start, usable,
                                       granularity)
   row = {"dtype": dtype, "remat_branches": remat, "largest_per_device_batch": largest,
          "compiles": len(measured), "seconds": time.perf_counter() - t0,
@@ -128,7 +128,9 @@ def fit_row(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int, *, dt
   if largest is not None:
     resolved = layout.resolve(with_per_device_batch(base, largest), tpu.num_devices,
                               log_costs=False)
-    row.update(peak_bytes=peaks.get(largest), global_batch_size=resolved.batch_size,
+    # The train step's whole report at that batch: its memory, FLOPs and collectives.
+    row.update(peak_bytes=reports[largest].get("peak_bytes"), train_step=reports[largest],
+               global_batch_size=resolved.batch_size,
                learning_rate=resolved.optimizer.learning_rate)
   return row
 
@@ -138,6 +140,7 @@ def fit_report(config: ml_collections.ConfigDict, tpu: TpuSlice, *, granularity:
   """`fit_row` for every dtype and remat setting, with the slice's description."""
   usable = aot.usable_hbm_bytes(tpu)
   return {"topology": tpu.topology, "device_kind": tpu.device_kind, "devices": tpu.num_devices,
+          "processes": tpu.num_processes,
           "model": config.model.name, "method": config.get("method") or (
               "mixskd" if config.model.mixskd else "cross_entropy"),
           "hbm_usable_bytes": usable, "granularity": granularity,
