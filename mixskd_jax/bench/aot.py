@@ -24,6 +24,7 @@ import ml_collections
 from mixskd_jax.bench import collectives, step as step_lib
 from mixskd_jax.bench.tpu_slice import TpuSlice
 from mixskd_jax.data import datasets
+from mixskd_jax.method.methods import method_name
 from mixskd_jax.train import layout, sharding
 
 _SIZE = r"([\d.]+)\s*([KMGT]?)i?B?"
@@ -141,8 +142,7 @@ def compile_eval(step: step_lib.CompiledStep, usable: int) -> dict[str, Any]:
 
 def resolved_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What a run on the slice trains with, from the config resolved for its devices."""
-  return {"method": config.get("method") or ("mixskd" if config.model.mixskd else
-                                             "cross_entropy"),
+  return {"method": method_name(config),
           "model": config.model.name, "dtype": config.model.dtype,
           "remat_branches": bool(config.model.remat_branches),
           "per_device_batch_size": config.per_device_batch_size,

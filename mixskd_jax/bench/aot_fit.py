@@ -20,6 +20,7 @@ import ml_collections
 
 from mixskd_jax.bench import aot
 from mixskd_jax.bench.tpu_slice import TpuSlice
+from mixskd_jax.method.methods import method_name
 from mixskd_jax.train import layout
 
 MAX_COMPILES = 12
@@ -141,8 +142,7 @@ def fit_report(config: ml_collections.ConfigDict, tpu: TpuSlice, *, granularity:
   usable = aot.usable_hbm_bytes(tpu)
   return {"topology": tpu.topology, "device_kind": tpu.device_kind, "devices": tpu.num_devices,
           "processes": tpu.num_processes,
-          "model": config.model.name, "method": config.get("method") or (
-              "mixskd" if config.model.mixskd else "cross_entropy"),
+          "model": config.model.name, "method": method_name(config),
           "hbm_usable_bytes": usable, "granularity": granularity,
           "rows": [fit_row(config, tpu, usable, dtype=d, remat=r, granularity=granularity)
                    for d in dtypes for r in remats]}

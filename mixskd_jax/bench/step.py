@@ -27,7 +27,7 @@ import numpy as np
 
 from mixskd_jax.bench import collectives
 from mixskd_jax.data import datasets
-from mixskd_jax.method.methods import check_config
+from mixskd_jax.method.methods import check_config, method_name
 from mixskd_jax.train import builder, layout, sharding
 
 # The schedule only sets the learning rate's value, never the step's cost: any length will do.
@@ -180,8 +180,7 @@ def analysis(step: CompiledStep) -> dict[str, Any]:
   devices and groups; lowering and compile seconds; FLOPs, memory and collectives per device;
   the parameters' bytes."""
   config, compiled = step.config, step.compiled
-  return {"method": config.get("method") or ("mixskd" if config.model.mixskd else
-                                             "cross_entropy"),
+  return {"method": method_name(config),
           "model": config.model.name, "dtype": config.model.dtype,
           "batch_size": config.batch_size, "devices": step.mesh.size,
           "mix_groups": config.objective.mix_groups,
