@@ -51,8 +51,10 @@ def run(config, *, topology: str, num_slices: int = 1, fit: bool = False,
   tpu = tpu_slice.describe(topology, num_slices=num_slices)
   if fit:
     from mixskd_jax.bench import aot_fit
+    print(f"fitting {label or config.model.name} on {topology}: one TPU compile per batch "
+          "tried", flush=True)
     result = aot_fit.fit_report(config, tpu, granularity=fit_granularity, dtypes=fit_dtypes,
-                                remats=fit_remats)
+                                remats=fit_remats, progress=lambda line: print(line, flush=True))
     text = aot_table.format_fit(result, label=label)
   else:
     result = aot.compile_for_slice(config, tpu, with_eval=with_eval)

@@ -174,20 +174,25 @@ def test_fit_report_gives_the_batch_and_learning_rate_of_the_scaling_rule(monkey
     per_image = 0.05 * GIB if config.model.dtype == "bfloat16" else 0.1 * GIB
     need = int(1 * GIB + per_image * config.per_device_batch_size)
     if need <= usable:
-      return {"fits": True, "peak_bytes": need}, None
-    return {"fits": False, "out_of_memory": {"needed_bytes": need}}, None
+      return {"fits": True, "peak_bytes": need, "lower_s": 1.0, "compile_s": 2.0}, None
+    return {"fits": False, "out_of_memory": {"needed_bytes": need}, "lower_s": 1.0,
+            "compile_s": 2.0}, None
 
   monkeypatch.setattr(aot, "compile_train", fake_compile_train)
   monkeypatch.setattr(aot, "usable_hbm_bytes", lambda tpu: 15 * GIB)
   config = load("configs/imagenet_resnet50_mixskd.py")
-  result = aot_fit.fit_report(config, tpu_slice.describe("v5e:2x2"), remats=(False,))
+  lines = []
+  result = aot_fit.fit_report(config, tpu_slice.describe("v5e:2x2"), remats=(False,),
+                              progress=lines.append)
   f32, bf16 = result["rows"]
   assert (f32["dtype"], f32["largest_per_device_batch"]) == ("float32", 136)
   assert (bf16["dtype"], bf16["largest_per_device_batch"]) == ("bfloat16", 280)
   assert f32["global_batch_size"] == 4 * 136
   assert f32["learning_rate"] == pytest.approx(0.1 * 4 * 136 / 128)
   assert f32["peak_bytes"] == int(1 * GIB + 0.1 * GIB * 136)
-  assert f32["train_step"] == {"fits": True, "peak_bytes": f32["peak_bytes"]}  # its report
+  assert f32["train_step"]["peak_bytes"] == f32["peak_bytes"]  # its whole report
+  assert len(lines) == len(seen)  # one progress line per compile
+  assert lines[0] == "  float32, remat_branches=False: 16 per chip fits (2.60 GiB), compiled in 3 s"
   assert seen[0] == (16, "float32", False)  # from the recipe's own per-chip batch
   assert {s[1:] for s in seen} == {("float32", False), ("bfloat16", False)}
   assert "136" in aot_table.format_fit(result)

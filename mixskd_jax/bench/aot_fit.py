@@ -103,26 +103,34 @@ def largest_fitting(compile_at: Callable[[int], tuple[bool, int | None]], start:
 
 
 def _compile_at(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int,
-                reports: dict[int, dict]) -> Callable[[int], tuple[bool, int | None]]:
+                reports: dict[int, dict], progress: Callable[[str], None]
+                ) -> Callable[[int], tuple[bool, int | None]]:
   def compile_at(per_device: int) -> tuple[bool, int | None]:
     report, _ = aot.compile_train(with_per_device_batch(config, per_device), tpu, usable)
     reports[per_device] = report
-    if report["fits"]:
-      return True, report.get("peak_bytes")
-    return False, (report.get("out_of_memory") or {}).get("needed_bytes")
+    fits = report["fits"]
+    size = report.get("peak_bytes") if fits else (report.get("out_of_memory") or {}).get(
+        "needed_bytes")
+    # Each compile takes minutes: say what it found as it goes.
+    progress(f"  {config.model.dtype}, remat_branches={bool(config.model.remat_branches)}: "
+             f"{per_device} per chip {'fits' if fits else 'does not fit'}"
+             f"{'' if size is None else f' ({size / 2 ** 30:.2f} GiB)'}, compiled in "
+             f"{report['lower_s'] + report['compile_s']:.0f} s")
+    return fits, size
   return compile_at
 
 
 def fit_row(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int, *, dtype: str,
-            remat: bool, granularity: int) -> dict[str, Any]:
+            remat: bool, granularity: int,
+            progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
   """The largest per-chip batch for one (dtype, remat), with the global batch and learning
-  rate a run at it trains with."""
+  rate a run at it trains with; `progress` is told of each compile."""
   base = with_per_device_batch(config, 1, dtype=dtype, remat=remat)
   start = layout.resolve(config, tpu.num_devices, log_costs=False).per_device_batch_size
   reports: dict[int, dict] = {}
   t0 = time.perf_counter()
-  largest, measured = largest_fitting(_compile_at(base, tpu, usable, reports), start, usable,
-                                      granularity)
+  largest, measured = largest_fitting(_compile_at(base, tpu, usable, reports, progress), start,
+                                      usable, granularity)
   row = {"dtype": dtype, "remat_branches": remat, "largest_per_device_batch": largest,
          "compiles": len(measured), "seconds": time.perf_counter() - t0,
          "measured": {str(b): {"fits": f, "bytes": m} for b, (f, m) in sorted(measured.items())}}
@@ -137,12 +145,13 @@ def fit_row(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int, *, dt
 
 
 def fit_report(config: ml_collections.ConfigDict, tpu: TpuSlice, *, granularity: int = 8,
-               dtypes=("float32", "bfloat16"), remats=(False, True)) -> dict[str, Any]:
+               dtypes=("float32", "bfloat16"), remats=(False, True),
+               progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
   """`fit_row` for every dtype and remat setting, with the slice's description."""
   usable = aot.usable_hbm_bytes(tpu)
   return {"topology": tpu.topology, "device_kind": tpu.device_kind, "devices": tpu.num_devices,
           "processes": tpu.num_processes,
           "model": config.model.name, "method": method_name(config),
           "hbm_usable_bytes": usable, "granularity": granularity,
-          "rows": [fit_row(config, tpu, usable, dtype=d, remat=r, granularity=granularity)
-                   for d in dtypes for r in remats]}
+          "rows": [fit_row(config, tpu, usable, dtype=d, remat=r, granularity=granularity,
+                           progress=progress) for d in dtypes for r in remats]}
