@@ -3,6 +3,7 @@ command each, run in order and resumed: a run whose JSON exists is skipped.
 
   python -m experiments.tpu_aot [--only=NAME,...] [--list]
   python -m experiments.tpu_aot --tables     # the markdown tables SCALING.md quotes
+  python -m experiments.tpu_aot --write      # ... written into SCALING.md in place
 
 Each run writes experiments/results/tpu_aot/NAME.json (the command's --json_out) and NAME.txt
 (what it printed). R50 MixSKD compiles take 5 to 8 minutes each on the 2-core development
@@ -14,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -184,14 +186,33 @@ def tables() -> str:
           f"<!-- tpu_aot: projections -->\n{projection_table()}\n<!-- /tpu_aot -->")
 
 
+SCALING = os.path.join(os.path.dirname(__file__), "SCALING.md")
+_BLOCK = re.compile(r"<!-- tpu_aot: (\w+) -->\n.*?<!-- /tpu_aot -->", re.S)
+
+
+def write_tables(path: str = SCALING) -> None:
+  """Replaces each `<!-- tpu_aot: NAME -->` ... `<!-- /tpu_aot -->` block of `path` with the
+  table of that name rendered now."""
+  blocks = {m.group(1): m.group(0) for m in _BLOCK.finditer(tables())}
+  with open(path) as f:
+    text = f.read()
+  text = _BLOCK.sub(lambda m: blocks[m.group(1)], text)
+  with open(path, "w") as f:
+    f.write(text)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--only", default="", help="comma-separated run names")
   parser.add_argument("--list", action="store_true", help="print the commands and exit")
   parser.add_argument("--tables", action="store_true", help="print SCALING.md's tables")
+  parser.add_argument("--write", action="store_true", help="write them into SCALING.md")
   args = parser.parse_args()
   if args.tables:
     print(tables())
+    return
+  if args.write:
+    write_tables()
     return
   only = set(filter(None, args.only.split(",")))
   os.makedirs(OUT, exist_ok=True)
