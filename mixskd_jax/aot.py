@@ -4,7 +4,7 @@ r"""A config's train and eval steps compiled for a TPU slice, on any host, befor
       [--config.model.dtype=bfloat16] [--json_out=report.json]
   python -m mixskd_jax.aot --config=configs/imagenet_resnet50_mixskd.py --topology=v5e:2x2 --fit
 
-The TPU compiler (libtpu: `pip install -e ".[tpu-aot]"`) compiles the steps exactly as a run
+The TPU compiler (libtpu: `pip install -e ".[tpu]"`) compiles the steps exactly as a run
 on the slice builds them (the config resolved for its devices: global batch, mix and BatchNorm
 groups, learning rate; the same model, method, optimizer, shardings and donation; the TPU's
 compiler options) and prints, per chip: HBM for arguments, outputs, temporaries and the peak

@@ -1,6 +1,6 @@
 """JAX's backends started without libtpu's start-up noise on a host that has no TPU.
 
-With libtpu installed (the `tpu-aot` extra, which compiles steps for TPU slices on any host:
+With libtpu installed (the `tpu` extra, which compiles steps for TPU slices on any host:
 `mixskd_jax.aot`), JAX tries the TPU plugin whenever its backends start, on a CPU host too.
 libtpu then writes five lines to the process's standard error from C++ ("Failed to find host
 bounds ...", "WARNING: Logging before InitGoogle() ...", an `INVALID_ARGUMENT` about

@@ -81,7 +81,7 @@ def test_a_shape_libtpu_refuses_is_one_line():
 
 def test_missing_libtpu_names_the_install_command(monkeypatch):
   monkeypatch.setattr(backends, "libtpu_installed", lambda: False)
-  with pytest.raises(tpu_slice.LibtpuMissingError, match=r'pip install -e "\.\[tpu-aot\]"'):
+  with pytest.raises(tpu_slice.LibtpuMissingError, match=r'pip install -e "\.\[tpu\]"'):
     tpu_slice.describe("v5e:2x2")
 
 

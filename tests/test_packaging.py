@@ -11,7 +11,7 @@ import pytest
 
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 PACKAGE_FILES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-cpu.txt",
-                 "requirements-torch.txt", "requirements-tpu-aot.txt"]
+                 "requirements-torch.txt", "requirements-tpu.txt"]
 
 
 @pytest.mark.slow
@@ -42,8 +42,8 @@ def test_install_keeps_the_runtimes_jax_and_tensorflow(tmp_path):
   assert not any(r.startswith(("tensorflow-cpu", "jax[cpu]")) for r in base)
   cpu = [r.split(";")[0].strip() for r in requires if 'extra == "cpu"' in r]
   assert sorted(cpu) == ["jax[cpu]>=0.6", "tensorflow-cpu>=2.16"]
-  # libtpu only under the `tpu-aot` extra, through JAX's own `tpu` extra (which pins the
+  # libtpu only under the `tpu` extra, through JAX's own `tpu` extra (which pins the
   # libtpu release the installed jax expects).
-  tpu = [r for r in requires if 'extra == "tpu-aot"' in r]
+  tpu = [r for r in requires if 'extra == "tpu"' in r]
   assert len(tpu) == 1 and tpu[0].startswith("jax[tpu]>=0.6"), tpu
   assert not any("libtpu" in r for r in requires), requires

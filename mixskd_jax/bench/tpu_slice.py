@@ -1,7 +1,7 @@
 """A TPU slice described on any host, for compiling a step ahead of time: its devices, as many
 processes as it has hosts, and each chip's HBM.
 
-libtpu (the `tpu-aot` extra) describes a named topology without owning it:
+libtpu (the `tpu` extra) describes a named topology without owning it:
 `jax.experimental.topologies.get_topology_desc` gives compile-only devices that build a `Mesh`,
 and `jit(...).lower(...).compile()` on that mesh runs the TPU compiler. Nothing is allocated.
 
@@ -108,7 +108,7 @@ def describe(topology: str, *, num_slices: int = 1) -> TpuSlice:
   if not backends.libtpu_installed():
     raise LibtpuMissingError(
         "compiling for a TPU slice needs libtpu, which is not installed: "
-        "pip install -e \".[tpu-aot]\" (or pip install -r requirements-tpu-aot.txt).")
+        "pip install -e \".[tpu]\" (or pip install -r requirements-tpu.txt).")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   options = {"chip_config_name": "megacore"} if generation.megacore else {}
   if num_slices > 1:
