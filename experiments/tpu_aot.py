@@ -6,7 +6,8 @@ command each, run in order and resumed: a run whose JSON exists is skipped.
   python -m experiments.tpu_aot --write      # ... written into SCALING.md in place
 
 Each run writes experiments/results/tpu_aot/NAME.json (the command's --json_out) and NAME.txt
-(what it printed). R50 MixSKD compiles take 5 to 8 minutes each on the 2-core development
+(what it printed); a fit also NAME.compiles.jsonl, each compile's outcome as it finishes, from
+which a stopped fit resumes. R50 MixSKD compiles take 5 to 8 minutes each on the 2-core development
 machine, a fit several of them. `--tables` renders the finished runs' JSON as the tables of
 experiments/SCALING.md (tests/test_aot.py checks that the document quotes them as rendered).
 """
@@ -24,6 +25,9 @@ OUT = os.path.join(os.path.dirname(__file__), "results", "tpu_aot")
 MIXSKD = "configs/imagenet_resnet50_mixskd.py"
 CE = "configs/imagenet_resnet50_ce.py"
 BF16 = ("--config.model.dtype=bfloat16",)
+# One fit per (slice, dtype), without remat_branches: each is hours of compiles on two cores.
+FIT_F32 = ("--fit", "--fit_dtypes=float32", "--fit_remat=False")
+FIT_BF16 = ("--fit", "--fit_dtypes=bfloat16", "--fit_remat=False")
 
 # (name, config, topology, extra flags), most wanted first.
 RUNS = (
@@ -34,16 +38,21 @@ RUNS = (
     ("mixskd_v4_2x2x1_f32", MIXSKD, "v4:2x2x1", ("--skip_eval",)),
     ("mixskd_v5p_2x2x1_f32", MIXSKD, "v5p:2x2x1", ("--skip_eval",)),
     ("mixskd_v6e_2x2_f32", MIXSKD, "v6e:2x2", ("--skip_eval",)),
-    ("fit_mixskd_v5e_2x2", MIXSKD, "v5e:2x2", ("--fit", "--fit_remat=False")),
+    ("fit_mixskd_v5e_2x2_f32", MIXSKD, "v5e:2x2", FIT_F32),
+    ("fit_mixskd_v5e_2x2_bf16", MIXSKD, "v5e:2x2", FIT_BF16),
     ("mixskd_v5e_2x2_f32_128", MIXSKD, "v5e:2x2", ("--skip_eval",
                                                    "--config.per_device_batch_size=128")),
     ("ce_v5p_2x2x1_f32", CE, "v5p:2x2x1", ("--skip_eval",)),
     ("mixskd_v4_2x2x1_bf16", MIXSKD, "v4:2x2x1", BF16 + ("--skip_eval",)),
     ("mixskd_v5p_2x2x1_bf16", MIXSKD, "v5p:2x2x1", BF16 + ("--skip_eval",)),
     ("mixskd_v6e_2x2_bf16", MIXSKD, "v6e:2x2", BF16 + ("--skip_eval",)),
-    ("fit_mixskd_v6e_2x2", MIXSKD, "v6e:2x2", ("--fit", "--fit_remat=False")),
-    ("fit_mixskd_v4_2x2x1", MIXSKD, "v4:2x2x1", ("--fit", "--fit_remat=False")),
-    ("fit_mixskd_v5p_2x2x1", MIXSKD, "v5p:2x2x1", ("--fit", "--fit_remat=False")),
+    ("fit_mixskd_v4_2x2x1_f32", MIXSKD, "v4:2x2x1", FIT_F32),
+    ("fit_mixskd_v5p_2x2x1_f32", MIXSKD, "v5p:2x2x1", FIT_F32),
+    ("fit_mixskd_v4_2x2x1_bf16", MIXSKD, "v4:2x2x1", FIT_BF16),
+    ("fit_mixskd_v5p_2x2x1_bf16", MIXSKD, "v5p:2x2x1", FIT_BF16),
+    ("fit_mixskd_v5e_2x2_f32_remat", MIXSKD, "v5e:2x2", (
+        "--fit", "--fit_dtypes=float32", "--fit_remat=True")),
+    ("fit_mixskd_v6e_2x2_f32", MIXSKD, "v6e:2x2", FIT_F32),
 )
 
 
@@ -221,6 +230,9 @@ def main() -> None:
     if only and name not in only:
       continue
     json_out = os.path.join(OUT, f"{name}.json")
+    if "--fit" in extra:
+      # Each compile of a fit is logged as it finishes; a stopped fit resumes from there.
+      extra = (*extra, f"--fit_log={os.path.relpath(os.path.join(OUT, name + '.compiles.jsonl'), root)}")
     cmd = command(config, topology, extra, os.path.relpath(json_out, root))
     if args.list:
       print(" ".join(cmd[1:]))
@@ -228,7 +240,7 @@ def main() -> None:
     if os.path.exists(json_out):
       continue
     start = time.time()
-    with open(os.path.join(OUT, f"{name}.txt"), "w") as log:
+    with open(os.path.join(OUT, f"{name}.txt"), "a") as log:
       rc = subprocess.call(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
     print(f"{name}: exit {rc} in {time.time() - start:.0f} s", flush=True)
 

@@ -35,8 +35,8 @@ def _fail(message: str) -> None:
 
 def run(config, *, topology: str, num_slices: int = 1, fit: bool = False,
         fit_granularity: int = 8, fit_dtypes=("float32", "bfloat16"),
-        fit_remats=(False, True), with_eval: bool = True, json_out: str | None = None,
-        label: str = "") -> dict:
+        fit_remats=(False, True), fit_log: str | None = None, with_eval: bool = True,
+        json_out: str | None = None, label: str = "") -> dict:
   """The command without its flags: the report (or the fit) for `config` on `topology`,
   printed as a table; written as JSON to `json_out` if given."""
   # pylint: disable=import-outside-toplevel  (JAX starts after the flags are read)
@@ -54,7 +54,8 @@ def run(config, *, topology: str, num_slices: int = 1, fit: bool = False,
     print(f"fitting {label or config.model.name} on {topology}: one TPU compile per batch "
           "tried", flush=True)
     result = aot_fit.fit_report(config, tpu, granularity=fit_granularity, dtypes=fit_dtypes,
-                                remats=fit_remats, progress=lambda line: print(line, flush=True))
+                                remats=fit_remats, progress=lambda line: print(line, flush=True),
+                                log_path=fit_log)
     text = aot_table.format_fit(result, label=label)
   else:
     result = aot.compile_for_slice(config, tpu, with_eval=with_eval)
@@ -81,7 +82,7 @@ def main(argv):
   try:
     result = run(f.config, topology=f.topology, num_slices=f.num_slices, fit=f.fit,
                  fit_granularity=f.fit_granularity, fit_dtypes=tuple(f.fit_dtypes),
-                 fit_remats=REMATS[f.fit_remat], with_eval=not f.skip_eval,
+                 fit_remats=REMATS[f.fit_remat], fit_log=f.fit_log, with_eval=not f.skip_eval,
                  json_out=f.json_out, label=command_line.config_label())
   except (TopologyError, LibtpuMissingError, ConfigValueError) as e:
     _fail(str(e))
@@ -103,6 +104,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("fit_granularity", 8, "--fit: per-chip batches searched in steps of it.")
   flags.DEFINE_list("fit_dtypes", ["float32", "bfloat16"], "--fit: the model.dtype values.")
   flags.DEFINE_enum("fit_remat", "both", list(REMATS), "--fit: model.remat_branches values.")
+  flags.DEFINE_string("fit_log", None, "--fit: append each compile's outcome to this file and "
+                      "take the ones already there from it (a stopped fit resumes).")
   flags.DEFINE_bool("skip_eval", False, "Compile the train step only.")
   flags.DEFINE_string("json_out", None, "Write the report as JSON to this path.")
   app.run(main)

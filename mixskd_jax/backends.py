@@ -15,7 +15,10 @@ libtpu also lets one process at a time load it on a host (a lock file in /tmp): 
 process that describes a TPU slice fails with `ABORTED ... libtpu multi-process lockfile`, so
 two test workers, or an ahead-of-time compile beside a CPU run, could not both work. On a host
 without TPU chips nothing is there to guard, and `share_libtpu()` lets every process load it
-(`ALLOW_MULTIPLE_LIBTPU_LOAD`); on a TPU host the lock stays.
+(`ALLOW_MULTIPLE_LIBTPU_LOAD`); on a TPU host the lock stays. There libtpu would also write two
+log files per process into /tmp/tpu_logs (that no hardware was found), for every CPU run and
+test process; `share_libtpu()` turns them off (`TPU_LOG_DIR=disabled`) unless the caller chose
+a log directory.
 """
 
 from __future__ import annotations
@@ -53,10 +56,12 @@ def tpu_chips_attached() -> bool:
 
 
 def share_libtpu() -> None:
-  """On a host without TPU chips, let every process load libtpu (see the module docstring).
-  Must run before libtpu starts in this process; a value already set is kept."""
+  """On a host without TPU chips, let every process load libtpu and keep it from writing log
+  files (see the module docstring). Must run before libtpu starts in this process; values
+  already set are kept."""
   if libtpu_installed() and not tpu_chips_attached():
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_LOG_DIR", "disabled")
 
 
 def without_noise(text: str) -> str:

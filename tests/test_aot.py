@@ -198,6 +198,52 @@ def test_fit_report_gives_the_batch_and_learning_rate_of_the_scaling_rule(monkey
   assert "136" in aot_table.format_fit(result)
 
 
+def test_a_stopped_fit_resumes_from_its_compile_log(monkeypatch, tmp_path):
+  """With a compile log, a fit run again compiles nothing it logged (the same batches give
+  the same answer), a line cut short by a kill is ignored and compiled again, and a changed
+  config is a different key (compiled afresh)."""
+  compiled = []
+
+  def fake_compile_train(config, tpu, usable):
+    compiled.append(config.per_device_batch_size)
+    need = int(1 * GIB + 0.1 * GIB * config.per_device_batch_size)
+    if need <= usable:
+      return {"fits": True, "peak_bytes": need, "lower_s": 1.0, "compile_s": 2.0}, None
+    return {"fits": False, "out_of_memory": {"needed_bytes": need}, "lower_s": 1.0,
+            "compile_s": 2.0}, None
+
+  monkeypatch.setattr(aot, "compile_train", fake_compile_train)
+  monkeypatch.setattr(aot, "usable_hbm_bytes", lambda tpu: 15 * GIB)
+  config = load("configs/imagenet_resnet50_mixskd.py")
+  tpu = tpu_slice.describe("v5e:2x2")
+  log = tmp_path / "fit.compiles.jsonl"
+
+  def fit(cfg, lines=None):
+    return aot_fit.fit_report(cfg, tpu, dtypes=("float32",), remats=(False,),
+                              progress=(lines if lines is not None else []).append,
+                              log_path=str(log))["rows"][0]
+
+  first = fit(config)
+  batches = list(compiled)
+  assert first["largest_per_device_batch"] == 136 and len(batches) >= 3
+  assert len(log.read_text().splitlines()) == len(batches)
+  compiled.clear()
+  lines = []
+  again = fit(config, lines)
+  assert compiled == [] and again["measured"] == first["measured"]
+  assert all("from the compile log" in line for line in lines)
+  # A kill while the last line was written: that compile (and only it) runs again.
+  text = log.read_text().splitlines()
+  log.write_text("\n".join(text[:-1]) + "\n" + text[-1][:40] + "\n")
+  fit(config)
+  assert compiled == [batches[-1]]
+  compiled.clear()
+  other = config.copy_and_resolve_references()
+  other.optimizer.weight_decay = 2e-4
+  fit(other)
+  assert compiled == batches
+
+
 # --- compiling for a slice -------------------------------------------------------------------
 
 def test_the_step_for_a_tpu_carries_none_of_xla_cpus_choices():
@@ -290,12 +336,20 @@ def test_bad_input_answers_in_one_line(args, says):
 @pytest.mark.slow
 def test_a_cpu_command_prints_nothing_from_libtpu():
   """With libtpu installed, a CPU command's output has none of its start-up lines (they came
-  from C++ on file descriptor 2 whenever JAX's backends started)."""
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  result = subprocess.run(
+  from C++ on file descriptor 2 whenever JAX's backends started), and it leaves no log files
+  in libtpu's default directory (named after the process id)."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "TPU_LOG_DIR")}
+  process = subprocess.Popen(
       [sys.executable, "-m", "mixskd_jax.benchmark", "--config=configs/default.py:smoke",
-       "--steps=0", "--skip_ce", "--skip_pipeline"], cwd=ROOT, env=env, capture_output=True,
-      text=True, timeout=600)
+       "--steps=0", "--skip_ce", "--skip_pipeline"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  stdout, stderr = process.communicate(timeout=600)
+  result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+  log_dir = "/tmp/tpu_logs"
+  logs = [n for n in (os.listdir(log_dir) if os.path.isdir(log_dir) else [])
+          if n.endswith(f".{process.pid}")]
+  assert not logs, logs
   assert result.returncode == 0, result.stderr[-3000:]
   assert "GFLOP/step/device" in result.stdout
   output = result.stdout + result.stderr

@@ -8,7 +8,6 @@ library up to float32 rounding), and reach the compiler.
 """
 
 import dataclasses
-import gzip
 import json
 import os
 import subprocess
@@ -24,6 +23,7 @@ from mixskd_jax import config as config_lib
 from mixskd_jax.method import mixing, objective
 from mixskd_jax.models import SPECS, build_model, compiler_options, xla_options
 from mixskd_jax.models.layers import BatchNorm
+from tests.fake_fashion_mnist import write_idx
 from tests.training_configs import tiny_config
 
 
@@ -143,25 +143,11 @@ def test_pipeline_on_mock_data_for_a_dataset_not_here(tmp_path):
   assert out["mock_examples"] == 64 and out["batches"] == 2 and out["images_per_s"] > 0
 
 
-def _write_idx(folder, n, seed=0):
-  """Four tiny gzipped Fashion-MNIST IDX files (n train and n test images)."""
-  rng = np.random.default_rng(seed)
-  header = lambda *ints: np.asarray(ints, ">u4").tobytes()
-  for split, prefix in (("train", "train"), ("test", "t10k")):
-    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
-      f.write(header(2051, n, 28, 28) + images.tobytes())
-    with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
-      f.write(header(2049, n) + labels.tobytes())
-    del split
-
-
 def test_pipeline_throughput_on_local_files(tmp_path):
   """Guards the measured path: the real train_iterator over local IDX files."""
   idx = tmp_path / "idx"
   idx.mkdir()
-  _write_idx(str(idx), 64)
+  write_idx(str(idx), 64)
   config = _tiny_benchmark_config(**{"data.data_dir": str(tmp_path / "tfds"),
                                      "data.idx_dir": str(idx)})
   out = benchmark.measure_pipeline(config, batches=3)

@@ -8,11 +8,18 @@ compiler's peak where it fits, what it says it needs where it does not) meets th
 rounded down to the granularity and kept strictly between the largest batch known to fit and
 the smallest known not to; the search ends when those two are one granularity apart. A
 compile at about the right batch is a few minutes for the ImageNet ResNet-50 MixSKD step on
-two CPU cores, so every compile counts: a fit usually takes three to five.
+two CPU cores, so every compile counts: a fit usually takes three to five. Near and above the
+chip's HBM a compile can take much longer (the compiler tries to rematerialize before it
+gives up), so a fit may be hours on a laptop: with a `CompileLog` every compile's outcome is
+appended to a file as it finishes, and a fit started again with the same file takes them from
+there instead of compiling again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from typing import Any, Callable
 
@@ -102,11 +109,65 @@ def largest_fitting(compile_at: Callable[[int], tuple[bool, int | None]], start:
   return max(fitting, default=None), measured
 
 
+class CompileLog:
+  """Every train-step compile of a fit, one JSON line each, keyed by what decides its outcome:
+  the whole resolved config, the slice, the usable HBM and the JAX and libtpu releases. A line
+  whose key matches is a compile that need not run again."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._entries: dict[str, dict] = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        for number, line in enumerate(f, 1):
+          line = line.strip()
+          if not line:
+            continue
+          try:
+            entry = json.loads(line)
+            self._entries[entry["key"]] = entry["report"]
+          except (ValueError, KeyError, TypeError):
+            # A line cut short by a kill: that compile runs again.
+            print(f"  {path}:{number}: not a complete entry, ignored", flush=True)
+
+  @staticmethod
+  def key(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int) -> str:
+    import jax  # pylint: disable=import-outside-toplevel
+    what = {"config": config.to_json(sort_keys=True), "topology": tpu.topology,
+            "devices": tpu.num_devices, "processes": tpu.num_processes, "usable": usable,
+            "jax": jax.__version__, "libtpu": _libtpu_version()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+  def get(self, key: str) -> dict | None:
+    return self._entries.get(key)
+
+  def add(self, key: str, report: dict) -> None:
+    self._entries[key] = report
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"key": key, "report": report}) + "\n")
+
+
+def _libtpu_version() -> str:
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  try:
+    return metadata.version("libtpu")
+  except metadata.PackageNotFoundError:
+    return "unknown"
+
+
 def _compile_at(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int,
-                reports: dict[int, dict], progress: Callable[[str], None]
-                ) -> Callable[[int], tuple[bool, int | None]]:
+                reports: dict[int, dict], progress: Callable[[str], None],
+                log: CompileLog | None = None) -> Callable[[int], tuple[bool, int | None]]:
   def compile_at(per_device: int) -> tuple[bool, int | None]:
-    report, _ = aot.compile_train(with_per_device_batch(config, per_device), tpu, usable)
+    candidate = with_per_device_batch(config, per_device)
+    key = CompileLog.key(candidate, tpu, usable) if log is not None else None
+    report = log.get(key) if log is not None else None
+    logged = report is not None
+    if report is None:
+      report, _ = aot.compile_train(candidate, tpu, usable)
+      if log is not None:
+        log.add(key, report)
     reports[per_device] = report
     fits = report["fits"]
     size = report.get("peak_bytes") if fits else (report.get("out_of_memory") or {}).get(
@@ -114,7 +175,8 @@ def _compile_at(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int,
     # Each compile takes minutes: say what it found as it goes.
     progress(f"  {config.model.dtype}, remat_branches={bool(config.model.remat_branches)}: "
              f"{per_device} per chip {'fits' if fits else 'does not fit'}"
-             f"{'' if size is None else f' ({size / 2 ** 30:.2f} GiB)'}, compiled in "
+             f"{'' if size is None else f' ({size / 2 ** 30:.2f} GiB)'}, "
+             f"{'from the compile log' if logged else 'compiled in'} "
              f"{report['lower_s'] + report['compile_s']:.0f} s")
     return fits, size
   return compile_at
@@ -122,15 +184,16 @@ def _compile_at(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int,
 
 def fit_row(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int, *, dtype: str,
             remat: bool, granularity: int,
-            progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+            progress: Callable[[str], None] = lambda line: None,
+            log: CompileLog | None = None) -> dict[str, Any]:
   """The largest per-chip batch for one (dtype, remat), with the global batch and learning
   rate a run at it trains with; `progress` is told of each compile."""
   base = with_per_device_batch(config, 1, dtype=dtype, remat=remat)
   start = layout.resolve(config, tpu.num_devices, log_costs=False).per_device_batch_size
   reports: dict[int, dict] = {}
   t0 = time.perf_counter()
-  largest, measured = largest_fitting(_compile_at(base, tpu, usable, reports, progress), start,
-                                      usable, granularity)
+  largest, measured = largest_fitting(
+      _compile_at(base, tpu, usable, reports, progress, log), start, usable, granularity)
   row = {"dtype": dtype, "remat_branches": remat, "largest_per_device_batch": largest,
          "compiles": len(measured), "seconds": time.perf_counter() - t0,
          "measured": {str(b): {"fits": f, "bytes": m} for b, (f, m) in sorted(measured.items())}}
@@ -146,12 +209,15 @@ def fit_row(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int, *, dt
 
 def fit_report(config: ml_collections.ConfigDict, tpu: TpuSlice, *, granularity: int = 8,
                dtypes=("float32", "bfloat16"), remats=(False, True),
-               progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-  """`fit_row` for every dtype and remat setting, with the slice's description."""
+               progress: Callable[[str], None] = lambda line: None,
+               log_path: str | None = None) -> dict[str, Any]:
+  """`fit_row` for every dtype and remat setting, with the slice's description; with
+  `log_path`, compiles are logged there and a logged one is not compiled again."""
+  log = CompileLog(log_path) if log_path else None
   usable = aot.usable_hbm_bytes(tpu)
   return {"topology": tpu.topology, "device_kind": tpu.device_kind, "devices": tpu.num_devices,
           "processes": tpu.num_processes,
           "model": config.model.name, "method": method_name(config),
           "hbm_usable_bytes": usable, "granularity": granularity,
           "rows": [fit_row(config, tpu, usable, dtype=d, remat=r, granularity=granularity,
-                           progress=progress) for d in dtypes for r in remats]}
+                           progress=progress, log=log) for d in dtypes for r in remats]}

@@ -33,7 +33,8 @@ _HOMES = {  # public name -> the submodule that defines it
   "train_eval_iterator": "pipeline", "train_iterator": "pipeline",
 }
 _SUBMODULES = ("augment", "batching", "datasets", "fashion_mnist_local", "in_memory", "info",
-               "normalization", "pipeline", "prefetch", "sources", "streaming", "tf_setup")
+               "integrity", "normalization", "pipeline", "prefetch", "sources", "streaming",
+               "tf_setup")
 
 __all__ = [
   "DatasetInfo", "DatasetSpec", "DatasetUnavailableError", "FashionMNISTMissingError", "SPECS",

@@ -12,6 +12,7 @@ real runs or into another mock).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Tuple
 
 import ml_collections
@@ -20,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from mixskd_jax.data import datasets
 from mixskd_jax.data import fashion_mnist_local
+from mixskd_jax.data import integrity
 from mixskd_jax.data.tf_setup import hide_accelerators_from_tf
 
 _LOAD_CHUNK = 10_000  # examples per numpy chunk while loading a split
@@ -43,6 +45,18 @@ def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
   builder = tfds.builder(spec.tfds_name, data_dir=data_config.data_dir)
   if builder.is_prepared():
     return builder
+  # One process prepares; others started with it wait here and then find it prepared.
+  with integrity.preparing(os.path.dirname(str(builder.data_dir))):
+    builder = tfds.builder(spec.tfds_name, data_dir=data_config.data_dir)
+    if not builder.is_prepared():
+      _prepare(builder, spec, data_config)
+      # Sizes always; checksums only for the small in-memory datasets (ImageNet is 150 GB).
+      integrity.write_manifest(str(builder.data_dir), checksums=spec.in_memory)
+  return builder
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, spec: datasets.DatasetSpec,
+             data_config: ml_collections.ConfigDict) -> None:
   if spec.name == "imagenet2012":
     download_config = tfds.download.DownloadConfig(manual_dir=data_config.manual_dir)
     hint = ("Put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in a folder and set "
@@ -58,7 +72,6 @@ def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
     raise DatasetUnavailableError(
       f"Dataset config.data.name={spec.name!r} is not prepared in tfds data_dir "
       f"{builder.data_dir_root!r} and preparing it failed ({e!r}). {hint}") from e
-  return builder
 
 
 def split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
@@ -87,9 +100,15 @@ def _load_split_cached(name, split, data_dir, idx_dir, reader_token):
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           read_config=tfds.ReadConfig(interleave_cycle_length=1))
   images, labels = [], []
-  for chunk in tfds.as_numpy(ds.batch(_LOAD_CHUNK)):
-    images.append(chunk["image"])
-    labels.append(chunk["label"].astype(np.int32))
+  try:
+    for chunk in tfds.as_numpy(ds.batch(_LOAD_CHUNK)):
+      images.append(chunk["image"])
+      labels.append(chunk["label"].astype(np.int32))
+  except Exception as e:  # pylint: disable=broad-except  (only TensorFlow's read errors: below)
+    fault = integrity.read_fault(e, str(builder.data_dir), what=f" ({split} split)")
+    if fault is None:
+      raise
+    raise fault from None
   spec = datasets.get_spec(name)
   images = np.concatenate(images) if images else np.zeros((0,) + spec.image_shape, np.uint8)
   labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)

@@ -1,5 +1,6 @@
-"""The command line's own checks, before absl parses the flags: a missing config file, or an
-unknown `--config.*` field (`check_command_line`), each answered in one line."""
+"""The command line's own checks, before absl parses the flags: a missing config file, one that
+does not load, or an unknown `--config.*` field (`check_command_line`), each answered in one
+line."""
 
 from __future__ import annotations
 
@@ -37,10 +38,20 @@ def _load_config(path: str, arg: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
+def _line_in(error: BaseException, path: str) -> str:
+  """', line N' of the innermost frame of `error`'s traceback in the file `path`, or ''."""
+  import traceback  # pylint: disable=import-outside-toplevel
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(frame.filename) == os.path.abspath(path)]
+  return f", line {lines[-1]}" if lines else ""
+
+
 def check_command_line(argv: list[str]) -> str | None:
-  """The one-line error for a missing config file or an unknown --config.* field in a
-  `mixskd_jax.main` command line (`sys.argv`), checked before absl parses the flags; None when
-  it is fine as far as these checks go (absl reports everything else)."""
+  """The one-line error for a missing config file, one that does not load (a syntax error: the
+  file, the line and the error; anything its code raises: the file, the line and the
+  exception), or an unknown --config.* field in a `mixskd_jax.main` command line
+  (`sys.argv`), checked before absl parses the flags; None when it is fine as far as these
+  checks go (absl reports everything else)."""
   value, overrides = _flag_values(argv[1:])
   if not value:
     return None  # absl says --config is missing
@@ -49,13 +60,14 @@ def check_command_line(argv: list[str]) -> str | None:
     where = ("an absolute path" if os.path.isabs(path)
              else f"resolved against the current directory {os.getcwd()}")
     return f"Config file not found: {path} ({where})"
-  if not overrides:
-    return None
   try:
     config = _load_config(path, arg)
-  # config_flags raises it again, with its traceback.
-  except Exception:  # pylint: disable=broad-except
-    return None
+  except SyntaxError as e:  # the file's own line, not the loader's stack
+    where = f"{e.filename or path}, line {e.lineno}"
+    text = f": {e.text.strip()}" if e.text and e.text.strip() else ""
+    return f"Config file {where}: {type(e).__name__}: {e.msg}{text}"
+  except Exception as e:  # pylint: disable=broad-except  (whatever the file's code raises)
+    return f"Config file {path}{_line_in(e, path)} failed to load: {type(e).__name__}: {e}"
   for dotted in overrides:
     message = config_lib.unknown_field_error(config, dotted)
     if message:

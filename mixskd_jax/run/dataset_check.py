@@ -6,7 +6,10 @@ The probe is a 3-second TCP connect to the download host (or to the configured H
 with the network there, downloading stays the default. `MIXSKD_ASSUME_OFFLINE=1` skips the
 probe and treats the machine as offline (tests, air-gapped clusters). An explicit
 `config.data.idx_dir` without the Fashion-MNIST IDX files fails at once: the user pointed at
-local files, so a download is never the fallback.
+local files, so a download is never the fallback. Data that is there but damaged fails here
+too, in one line (`DataFaultError`): an IDX file cut short or not IDX (read through, about a
+second), a prepared dataset whose files no longer match what was written
+(`data.integrity.verify_prepared`).
 
 The errors are `PreflightError`s and also the data package's own error types
 (`DatasetUnavailableError`, `FashionMNISTMissingError`), so code that catches those keeps
@@ -160,23 +163,28 @@ def check_dataset(data_config: ml_collections.ConfigDict) -> None:
   `manual_dir` and never downloads, so it is left to tfds. Creates no folder in the data_dir
   (a failing check removes any empty one that appeared while it looked).
   """
-  from mixskd_jax.data import datasets  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel  (TensorFlow: only when a dataset is checked)
+  from mixskd_jax.data import datasets, integrity
   spec = datasets.get_spec(data_config.name)
-  if spec.name == "imagenet2012":
-    return
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  from mixskd_jax.data import fashion_mnist_local  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
+  from mixskd_jax.data import fashion_mnist_local
   root = os.path.expanduser(data_config.data_dir or tfds.core.constants.DATA_DIR)
   existed = os.path.exists(root)
   before = _directories(root)
   builder = tfds.builder(spec.tfds_name, data_dir=data_config.data_dir)
   if builder.is_prepared():
+    # Whole as written: sizes, and checksums of the small datasets read whole into memory.
+    integrity.verify_prepared(str(builder.data_dir), checksums=spec.in_memory)
     return
+  if spec.name == "imagenet2012":
+    return  # built from config.data.manual_dir, never downloaded: tfds checks the tars
   if spec.name == "fashion_mnist" and data_config.idx_dir:
     _check_idx_dir(data_config.idx_dir, builder, root, before, existed)
+    fashion_mnist_local.check_idx_files(data_config.idx_dir)  # damaged: one line, now
     return  # the files are there: get_builder prepares from them
   idx_dir = fashion_mnist_local.DEFAULT_IDX_DIR
   if spec.name == "fashion_mnist" and fashion_mnist_local.has_idx_files(idx_dir):
+    fashion_mnist_local.check_idx_files(idx_dir)
     return
   urls = list(getattr(builder, "url_infos", None) or {})
   if not urls or not _download_is_tfds_own(builder):

@@ -204,7 +204,11 @@ class Trainer:
     t_first = time.perf_counter()
     with Preemption(start) as preemption:
       for step in range(start, self.num_steps):
-        state, metrics = self.train_step(state, next(batches), self.root_key)
+        try:
+          batch = next(batches)
+        except Exception as e:  # pylint: disable=broad-except  (only damaged data: below)
+          raise self._saved_for_fault(e, state, done, run) from None
+        state, metrics = self.train_step(state, batch, self.root_key)
         run.buffer.append(metrics)
         done = step + 1
         if step == start:
@@ -251,7 +255,29 @@ class Trainer:
           history.flush()
     if self._is_eval_step(done):
       with run.timer.excluded(state), run.progress.excluded():
-        self._record_eval(state, done, run.writer)
+        try:
+          self._record_eval(state, done, run.writer)
+        except Exception as e:  # pylint: disable=broad-except  (only damaged data: below)
+          raise self._saved_for_fault(e, state, done, run) from None
+
+  def _saved_for_fault(self, error: Exception, state, done: int, run: _Reporting) -> Exception:
+    """`error` itself, unless it is TensorFlow failing to read a damaged record of the
+    dataset: then the state of the last completed step `done` is saved first (unless its
+    checkpoint is there) and the one-line `DataFaultError` is returned, so that the same
+    command resumes exactly once the data is repaired. (With several processes only the
+    faulting one knows: the others stop at the next step's collectives.)"""
+    folder = str(data.sources.get_builder(self.config.data).data_dir)
+    fault = data.integrity.read_fault(error, folder)
+    if fault is None:
+      return error
+    if run.checkpoints.latest_step() != done:
+      with run.timer.excluded(state), run.progress.excluded():
+        run.checkpoints.save(done, state, param_norm=float(parameter_norm(state.params)))
+        self._write_config()
+    for history in self._histories.values():
+      history.flush()
+    return type(fault)(f"{fault} The state at step {done} is saved: the same command resumes "
+                       "from it.")
 
   def _record_eval(self, state, step, writer):
     metrics = self.evaluate(state)
