@@ -10,7 +10,6 @@ report.load_run); report.py renders them.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -32,8 +31,8 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> dict[st
 
   Returns:
     None with fewer than 2 shared seeds; else n, mean and sample sd of the per-seed
-    differences, the 95% confidence interval of the mean difference (Student t, n-1 degrees
-    of freedom), the two-sided paired t-test's p-value, how many seeds a wins, and
+    differences, the 95% confidence interval of the mean difference and the two-sided paired
+    t-test's p-value (`scipy.stats.ttest_rel`, Student t with n-1 degrees of freedom), how many seeds a wins, and
     `significant` (p < SIGNIFICANCE_LEVEL).
   """
   seeds = sorted(set(a) & set(b))
@@ -41,14 +40,14 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> dict[st
     return None
   d = np.array([a[s] - b[s] for s in seeds], np.float64)
   n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
-  if sd == 0.0:  # identical differences: the t statistic is infinite (or undefined at 0)
+  if sd == 0.0:  # identical differences: scipy's t statistic is inf or nan; the limit is this
     p = 1.0 if mean == 0.0 else 0.0
-    half = 0.0
+    low = high = mean
   else:
-    se = sd / math.sqrt(n)
-    p = float(2 * stats.t.sf(abs(mean / se), df=n - 1))
-    half = float(stats.t.ppf(0.975, df=n - 1) * se)
-  return {"n": n, "mean": mean, "sd": sd, "ci95": (mean - half, mean + half), "p": p,
+    test = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds])
+    p = float(test.pvalue)
+    low, high = (float(x) for x in test.confidence_interval(0.95))
+  return {"n": n, "mean": mean, "sd": sd, "ci95": (low, high), "p": p,
           "wins": int((d > 0).sum()), "significant": p < SIGNIFICANCE_LEVEL}
 
 

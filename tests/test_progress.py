@@ -200,8 +200,6 @@ def record(pathname, message, level=std_logging.INFO):
      "Keeping the one from code.", std_logging.INFO, False),
     ("/x/site-packages/tensorflow_datasets/core/download/download_manager.py",
      "Downloading and preparing dataset cifar100", std_logging.INFO, True),
-    ("/x/site-packages/clu/metric_writers/logging_writer.py", "[2] train/loss=23.03",
-     std_logging.INFO, False),
     ("/repo/mixskd_jax/run/loop.py", "step 2/4 (50.0%)", std_logging.INFO, True),
     ("/repo/mixskd_jax/run/loop.py", "Preempted at step 3", std_logging.WARNING, True),
 ])

@@ -53,19 +53,14 @@ def kind_of(op: str) -> str:
 
 
 def op_times(xspace_bytes: bytes) -> dict[str, float]:
-  """{HLO op name: seconds summed over its executions} from a serialized XSpace."""
-  # pylint: disable-next=import-outside-toplevel  (TensorFlow ships the schema; load it late)
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2
-  space = xplane_pb2.XSpace()
-  space.ParseFromString(xspace_bytes)
+  """{HLO op name: seconds summed over its executions} from a serialized XSpace (read with
+  JAX's own `jax.profiler.ProfileData`)."""
   seconds = collections.Counter()
-  for plane in space.planes:
-    hlo_op = {k for k, v in plane.stat_metadata.items() if v.name == "hlo_op"}
-    names = {k: v.name for k, v in plane.event_metadata.items()}
+  for plane in jax.profiler.ProfileData.from_serialized_xspace(xspace_bytes).planes:
     for line in plane.lines:
       for event in line.events:
-        if any(s.metadata_id in hlo_op for s in event.stats):
-          seconds[names[event.metadata_id]] += event.duration_ps * 1e-12
+        if any(name == "hlo_op" for name, _ in event.stats):
+          seconds[event.name] += event.duration_ns * 1e-9
   return dict(seconds)
 
 

@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from clu import deterministic_data
 
 from mixskd_jax.data import augment
 from mixskd_jax.data import batching
@@ -180,17 +181,20 @@ def eval_iterator(config: ml_collections.ConfigDict, *, process_index: int,
   steps = batching.eval_steps(n, local, process_count, contiguous=True)
   split = tfds.even_splits(sources.streamed_split(config.data, train=False), n=process_count)
   ds = builder.as_dataset(split=split[process_index], shuffle_files=False,
-                          decoders={"image": tfds.decode.SkipDecoding()})
+                          decoders={"image": tfds.decode.SkipDecoding()}).take(n)
+  count = int(ds.cardinality())
+  if count < 0:  # tfds.testing.mock_data gives no cardinality: count the (undecoded) records
+    count = int(ds.reduce(0, lambda c, _: c + 1))
 
   def decode(ex):
     image = augment.resize_center_crop(tf.io.decode_jpeg(ex["image"], channels=3),
                                        spec.eval_resize, spec.image_shape[0])
-    return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)}
+    image.set_shape(spec.image_shape)  # the padding's zero images take this shape
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  padding = tf.data.Dataset.from_tensors({
-    "image": tf.zeros(spec.image_shape, tf.uint8), "label": tf.constant(0, tf.int32),
-    "mask": tf.constant(False)}).repeat()
-  ds = ds.take(n).concatenate(padding).take(steps * local)
+  # Zero examples with mask False, up to the same number of batches on every process.
+  ds = deterministic_data.pad_dataset(ds, batch_dims=[local], pad_up_to_batches=steps,
+                                      cardinality=count)
   ds = ds.batch(local, drop_remainder=True).prefetch(config.data.prefetch)
   return iter(ds.as_numpy_iterator())

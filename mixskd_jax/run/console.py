@@ -63,8 +63,6 @@ def quiet_tensorflow_startup() -> None:
 _QUIET_INFO = (
     # (path fragment of the logging module, message fragment or None for all)
     ("/orbax/", None),  # every checkpoint's internals
-    # Every scalar written to TensorBoard, again: the progress and evaluation lines say it.
-    ("/clu/metric_writers/logging_writer.py", None),
     ("/jax/_src/xla_bridge", "Unable to initialize backend"),  # e.g. no libtpu on a CPU host
     ("/tensorflow_datasets/", "differ on disk and in the code"),
     ("/tensorflow_datasets/", "Load dataset info from"),
@@ -79,9 +77,9 @@ _QUIET_WARNING = (
 
 
 class QuietLibraries:
-  """A logging filter dropping the routine INFO lines of Orbax, clu's metric logging (the
-  TensorBoard scalars), JAX's backend probing and tfds (and tfds's warning about a folder it is
-  about to prepare). Our own lines, and every other WARNING or ERROR, pass."""
+  """A logging filter dropping the routine INFO lines of Orbax, JAX's backend probing and tfds
+  (and tfds's warning about a folder it is about to prepare). Our own lines, and every other
+  WARNING or ERROR, pass."""
 
   def filter(self, record) -> bool:
     path = record.pathname.replace(os.sep, "/")

@@ -149,8 +149,11 @@ class Trainer:
     self._histories = {name: workdir_lib.JsonlHistory(workdir / name, writer=self.is_chief,
                                                       resume_step=start)
                        for name in (HISTORY_FILE, TRAIN_HISTORY_FILE)}
-    # A string: TensorBoard's writer reads gs:// itself, through TensorFlow's file systems.
-    writer = metric_writers.create_default_writer(str(workdir), just_logging=not self.is_chief)
+    # TensorBoard from the chief alone, written in a background thread; the terminal has the
+    # progress and evaluation lines. A string: TensorBoard's writer reads gs:// itself,
+    # through TensorFlow's file systems.
+    writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(str(workdir))])
+              if self.is_chief else metric_writers.MultiWriter([]))
     # config.json describes the newest checkpoint: a resumed run replaces it at its first
     # save (a run that diverges or fails before one leaves the config that wrote them).
     self._config_start = start
