@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -16,22 +15,22 @@ from clu import metric_writers
 
 from mixskd_jax import data
 from mixskd_jax.interop import pretrained
-from mixskd_jax.run import distributed, preflight, run_guard
+from mixskd_jax.run import data_fault, distributed, evaluation, preflight, run_guard
 from mixskd_jax.run.data_prep import prepare_data
 from mixskd_jax.run.divergence import DivergenceGuard, parameter_norm
+from mixskd_jax.run.evaluation import TRAIN_SET_PREFIX
 from mixskd_jax.run.preemption import PREEMPTED_EXIT_CODE, Preemption
 from mixskd_jax.run.progress import ProgressReporter, format_eval
 from mixskd_jax.run.results import RESULTS_FILE, results_record
 from mixskd_jax.run.step_timer import StepTimer
 from mixskd_jax.store import workdir as workdir_lib
 from mixskd_jax.store.checkpoint import Checkpoints, has_checkpoints
-from mixskd_jax.train import builder, layout, sharding, steps
+from mixskd_jax.train import builder, layout, sharding
 from mixskd_jax.train.device_prefetch import prefetch_to_device
 from mixskd_jax.train.state import TrainState
 
 HISTORY_FILE = "eval_history.jsonl"
 TRAIN_HISTORY_FILE = "train_history.jsonl"  # the logged means of the train metrics
-TRAIN_SET_PREFIX = "train_set/"  # config.eval_on_train_set's keys in the eval history
 
 
 @dataclasses.dataclass
@@ -107,31 +106,11 @@ class Trainer:
     logging.info("%s", what)
     return self.built.state_from(variables)
 
-  def _eval_sums(self, state: TrainState, iterator) -> dict[str, Any]:
-    """eval_step's sums over every batch of `iterator` (padded, masked), on the host."""
-    batch_sharding = sharding.data_sharding(self.mesh)
-    totals = None
-    for local in iterator:
-      sums = self.eval_step(state, sharding.to_global(local, batch_sharding))
-      totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    return jax.device_get(totals)
-
   def evaluate(self, state: TrainState) -> dict[str, float]:
-    """Every test example exactly once (the last batch padded and masked)."""
-    totals = self._eval_sums(state, data.eval_iterator(
-        self.config, process_index=jax.process_index(), process_count=jax.process_count()))
-    # The backbone's reliability diagram of the latest evaluation, for results.json.
-    self.last_calibration = {k.split("/", 1)[1]: np.asarray(v).tolist()
-                             for k, v in totals.items() if k.startswith("calibration/")}
-    return steps.summarize_eval(totals)
-
-  def evaluate_train_set(self, state: TrainState) -> dict[str, float]:
-    """`evaluate` on the training examples the run trains on (unaugmented, each once), its
-    keys under `train_set/` instead of `eval/` (`config.eval_on_train_set`)."""
-    totals = self._eval_sums(state, data.train_eval_iterator(
-        self.config, process_index=jax.process_index(), process_count=jax.process_count()))
-    return {TRAIN_SET_PREFIX + key.split("/", 1)[1]: value
-            for key, value in steps.summarize_eval(totals).items()}
+    """Every test example exactly once (`evaluation.evaluate`)."""
+    metrics, self.last_calibration = evaluation.evaluate(self.config, self.mesh,
+                                                         self.eval_step, state)
+    return metrics
 
   def run(self) -> dict[str, Any]:
     # Every file of the run goes through epath, so gs://bucket/run works like a local path.
@@ -264,29 +243,21 @@ class Trainer:
           raise self._saved_for_fault(e, state, done, run) from None
 
   def _saved_for_fault(self, error: Exception, state, done: int, run: _Reporting) -> Exception:
-    """`error` itself, unless it is TensorFlow failing to read a damaged record of the
-    dataset: then the state of the last completed step `done` is saved first (unless its
-    checkpoint is there) and the one-line `DataFaultError` is returned, so that the same
-    command resumes exactly once the data is repaired. (With several processes only the
-    faulting one knows: the others stop at the next step's collectives.)"""
-    folder = str(data.sources.get_builder(self.config.data).data_dir)
-    fault = data.integrity.read_fault(error, folder)
-    if fault is None:
-      return error
-    if run.checkpoints.latest_step() != done:
+    """`error`, or for damaged data the one-line fault after saving step `done` (data_fault)."""
+    def save():
       with run.timer.excluded(state), run.progress.excluded():
         run.checkpoints.save(done, state, param_norm=float(parameter_norm(state.params)))
         self._write_config()
-    for history in self._histories.values():
-      history.flush()
-    return type(fault)(f"{fault} The state at step {done} is saved: the same command resumes "
-                       "from it.")
+    return data_fault.saved_for_fault(error, self.config.data, done, save=save,
+                                      saved=run.checkpoints.latest_step() == done,
+                                      histories=self._histories.values())
 
   def _record_eval(self, state, step, writer):
     metrics = self.evaluate(state)
     logging.info("%s", format_eval(step, step / self.steps_per_epoch, metrics))
     if self.config.get("eval_on_train_set", False):
-      metrics.update(self.evaluate_train_set(state))
+      metrics.update(evaluation.evaluate_train_set(self.config, self.mesh, self.eval_step,
+                                                   state))
       logging.info("train set at step %s: top-1 backbone %.2f%%  |  loss %.4g", step,
                    metrics[TRAIN_SET_PREFIX + "top1/backbone"], metrics[TRAIN_SET_PREFIX + "loss"])
     writer.write_scalars(step, metrics)
