@@ -6,6 +6,7 @@ TFRecord shards), because `tfds.testing.mock_data` ignores splits and file shuff
 """
 
 import collections
+import os
 
 import pytest
 import tensorflow as tf
@@ -134,3 +135,27 @@ def test_bad_fields_name_the_config_field():
   c.seed = -1
   with pytest.raises(ValueError, match=r"config\.seed=-1 must be >= 0"):
     data.train_iterator(c)
+
+
+def test_a_damaged_shard_surfaces_mid_stream_as_a_data_fault(data_dir, tmp_path):
+  """A changed byte in one training shard (same size: the preflight's size check passes) is
+  met part way through the stream as TensorFlow's DataLossError, which `integrity.read_fault`
+  makes the one-line fault the training loop saves and stops on (tests/test_data_faults.py)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from mixskd_jax.data import integrity  # pylint: disable=import-outside-toplevel
+  copy = str(tmp_path / "tfds")
+  shutil.copytree(data_dir, copy)
+  folder = str(tfds.builder("imagenet2012", data_dir=copy).data_dir)
+  shard = sorted(os.path.join(folder, n) for n in os.listdir(folder) if "-train.tfrecord" in n)[1]
+  with open(shard, "r+b") as f:
+    f.seek(os.path.getsize(shard) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  integrity.verify_prepared(folder, checksums=False)  # sizes as written: not found up front
+  iterator = data.train_iterator(make_config(copy, augment=False))
+  with pytest.raises(tf.errors.DataLossError) as e:
+    take(iterator, 10)  # one epoch reads every shard
+  fault = integrity.read_fault(e.value, folder)
+  assert str(fault).startswith(f"A damaged record in the prepared dataset {folder} "
+                               "(DataLossError: ")
