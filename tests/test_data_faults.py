@@ -224,6 +224,18 @@ def test_read_fault_leaves_other_errors_alone():
       "19999642): " + integrity.delete_hint("/data") + ".")
 
 
+def test_a_mocked_preparation_leaves_no_lock_or_record():
+  """Under tfds.testing.mock_data the builder's folders are tfds's own package metadata:
+  preparing there takes no lock and records nothing."""
+  config = tiny_config({"data.name": "cifar100"})
+  with tfds.testing.mock_data(num_examples=8):
+    builder = tfds.builder("cifar100")
+    assert not integrity.prepares_for_real(builder)
+    sources.get_builder(config.data)
+  assert not os.path.exists(integrity.lock_path(os.path.dirname(str(builder.data_dir))))
+  assert not os.path.exists(os.path.join(str(builder.data_dir), integrity.MANIFEST))
+
+
 # --- preparing: killed, concurrent -------------------------------------------------------------
 
 def test_a_killed_preparations_folder_is_removed_not_tripped_over(tmp_path, idx_dir):

@@ -178,7 +178,7 @@ def fashion_mnist_builder(data_dir: Optional[str] = None,
     return builder
   idx_dir = idx_dir or DEFAULT_IDX_DIR
   # One process prepares; others started with it wait here and then find it prepared.
-  with integrity.preparing(os.path.dirname(str(builder.data_dir))):
+  with integrity.preparing(builder):
     builder = tfds.builder("fashion_mnist", data_dir=data_dir)
     if builder.is_prepared():
       return builder
@@ -186,7 +186,7 @@ def fashion_mnist_builder(data_dir: Optional[str] = None,
       check_idx_files(idx_dir)  # a damaged file answers before anything is written
       local = LocalFashionMNIST(idx_dir=idx_dir, data_dir=data_dir)
       local.download_and_prepare()
-      integrity.write_manifest(str(local.data_dir), checksums=True)
+      integrity.write_manifest(local, checksums=True)
       return local
     try:
       _download_and_prepare(builder)
@@ -199,5 +199,5 @@ def fashion_mnist_builder(data_dir: Optional[str] = None,
         f"{DEFAULT_IDX_DIR}); or set config.data.idx_dir to a folder with the 4 IDX files; or "
         "allow tfds to download (network access), or set config.data.data_dir to a tfds "
         "data_dir where fashion_mnist is already prepared.") from e
-    integrity.write_manifest(str(builder.data_dir), checksums=True)
+    integrity.write_manifest(builder, checksums=True)
   return builder

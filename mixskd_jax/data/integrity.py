@@ -52,12 +52,21 @@ def lock_path(dataset_root: str) -> str:
   return os.path.join(parent, f".{name}{LOCK_SUFFIX}")
 
 
+def prepares_for_real(builder) -> bool:
+  """False when tfds's `download_and_prepare` was replaced (`tfds.testing.mock_data`, tests'
+  offline fixtures): then nothing is written to disk, and its folders may be tfds's own
+  package metadata, where no lock or record belongs."""
+  method = getattr(type(builder), "download_and_prepare", None)
+  return getattr(method, "__module__", "").startswith("tensorflow_datasets.core")
+
+
 @contextlib.contextmanager
-def preparing(dataset_root: str) -> Iterator[None]:
-  """Holds the preparation lock of the dataset in `dataset_root` (`<data_dir>/<name>`) and
+def preparing(builder) -> Iterator[None]:
+  """Holds the preparation lock of `builder`'s dataset (its folder `<data_dir>/<name>`) and
   removes the `incomplete.*` folders a killed preparation left there. A no-op on a remote
-  data_dir (gs://...), where no lock can be taken."""
-  if not _is_local(dataset_root):
+  data_dir (gs://...), where no lock can be taken, and when the preparation is mocked."""
+  dataset_root = os.path.dirname(str(builder.data_dir))
+  if not _is_local(dataset_root) or not prepares_for_real(builder):
     yield
     return
   path = lock_path(dataset_root)
@@ -85,10 +94,11 @@ def _data_files(folder: str) -> list[str]:
                 if name != MANIFEST and os.path.isfile(os.path.join(folder, name)))
 
 
-def write_manifest(folder: str, *, checksums: bool) -> None:
-  """Records every file of the prepared dataset in `folder`: its size, and its SHA-256 if
+def write_manifest(builder, *, checksums: bool) -> None:
+  """Records every file of `builder`'s prepared dataset: its size, and its SHA-256 if
   `checksums`. Written to a temporary name and renamed, so a kill leaves no half record."""
-  if not _is_local(folder) or not os.path.isdir(folder):
+  folder = str(builder.data_dir)
+  if not _is_local(folder) or not os.path.isdir(folder) or not prepares_for_real(builder):
     return
   files = {}
   for name in _data_files(folder):

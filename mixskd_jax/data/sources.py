@@ -12,7 +12,6 @@ real runs or into another mock).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Tuple
 
 import ml_collections
@@ -46,12 +45,12 @@ def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
   if builder.is_prepared():
     return builder
   # One process prepares; others started with it wait here and then find it prepared.
-  with integrity.preparing(os.path.dirname(str(builder.data_dir))):
+  with integrity.preparing(builder):
     builder = tfds.builder(spec.tfds_name, data_dir=data_config.data_dir)
     if not builder.is_prepared():
       _prepare(builder, spec, data_config)
       # Sizes always; checksums only for the small in-memory datasets (ImageNet is 150 GB).
-      integrity.write_manifest(str(builder.data_dir), checksums=spec.in_memory)
+      integrity.write_manifest(builder, checksums=spec.in_memory)
   return builder
 
 

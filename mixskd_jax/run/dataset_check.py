@@ -88,13 +88,6 @@ def _directories(root: str, depth: int = 3) -> set:
   return found
 
 
-def _download_is_tfds_own(builder) -> bool:
-  """False when `download_and_prepare` was replaced (tfds.testing.mock_data, tests' offline
-  fixtures): then whatever replaced it decides, not the network."""
-  method = getattr(type(builder), "download_and_prepare", None)
-  return getattr(method, "__module__", "").startswith("tensorflow_datasets.core")
-
-
 _OFFLINE_ERRORS = {}
 
 
@@ -187,7 +180,7 @@ def check_dataset(data_config: ml_collections.ConfigDict) -> None:
     fashion_mnist_local.check_idx_files(idx_dir)
     return
   urls = list(getattr(builder, "url_infos", None) or {})
-  if not urls or not _download_is_tfds_own(builder):
+  if not urls or not integrity.prepares_for_real(builder):
     return  # nothing known to probe, or tfds is mocked: get_builder decides
   if not assume_offline() and reachable(urls[0]):
     return  # online: tfds downloads it
