@@ -19,6 +19,8 @@ table, the seeds, and the MixSKD ablations. `suite_runs(suite)` lists every run 
   classes 5-9 from 50 labels per class.
 * `fashion_mnist_transfer_fair`: 13 sources pre-trained on classes 0-4, then each backbone
   through the fair transfer protocol (`mixskd_jax.transfer`) on classes 5-9.
+* `default`: the offline default run (`configs/default.py`, all of Fashion-MNIST, 4 epochs)
+  over 5 seeds: the spread a newcomer's run should land in.
 * `smoke`, `transfer_smoke`, `transfer_fair_smoke`: the fashion_mnist and transfer protocols
   shrunk to seconds, for tests.
 """
@@ -32,6 +34,7 @@ import ml_collections
 
 from mixskd_jax import config as config_lib
 from mixskd_jax.config import recipes
+from mixskd_jax.configs import default as default_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +312,11 @@ SUITES = {
         "transfer_smoke", transfer_smoke_pretrain_base,
         "a seconds-long shrink of fashion_mnist_transfer, for tests",
         methods=transfer_rows(transfer_smoke_downstream_base), ablations=(), kind="transfer"),
+    "default": Suite(
+        "default", default_config.get_config,
+        "the offline default (configs/default.py): MixSKD full, small_resnet, all of "
+        "Fashion-MNIST, 4 epochs", seeds=(0, 1, 2, 3, 4),
+        methods=tuple(m for m in MAIN_METHODS if m.name == "mixskd_full"), ablations=()),
     "cifar100": Suite("cifar100", cifar100_base,
                       "CIFAR-100, CIFAR ResNet-18, the paper's 205-epoch recipe"),
     "smoke": Suite("smoke", smoke_base, "a seconds-long shrink of fashion_mnist, for tests",

@@ -74,7 +74,7 @@ _TRANSFER_SET = flags.DEFINE_multi_string(
 TIMING_FILE = "experiment_timing.json"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Suites whose reports are committed under experiments/results/<suite>.
-COMMITTED_SUITES = ("fashion_mnist", "fashion_mnist_long", "fashion_mnist_converged",
+COMMITTED_SUITES = ("default", "fashion_mnist", "fashion_mnist_long", "fashion_mnist_converged",
                     "fashion_mnist_transfer", "fashion_mnist_transfer_fair")
 USAGE_ERROR_EXIT_CODE = 2
 

@@ -109,13 +109,14 @@ def fake_gcs(tmp_path, monkeypatch):
   monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
   monkeypatch.setattr(gcs_utils, "rmtree",
                       lambda path, missing_ok=False: epath.Path(path).rmtree(missing_ok))
-  create_writer = metric_writers.create_default_writer
+  # TensorFlow's summary writer reaches gs:// through its own GCS client, not epath.
+  create_writer = metric_writers.SummaryWriter
   bucket.writer_logdirs = []
 
-  def writer_on_the_folder(logdir, **kwargs):
+  def writer_on_the_folder(logdir, *args, **kwargs):
     bucket.writer_logdirs.append(logdir)
-    return create_writer(bucket.local(logdir), **kwargs)
-  monkeypatch.setattr(metric_writers, "create_default_writer", writer_on_the_folder)
+    return create_writer(bucket.local(logdir), *args, **kwargs)
+  monkeypatch.setattr(metric_writers, "SummaryWriter", writer_on_the_folder)
 
   bucket.misuses = []
   for module, name in _LOCAL_PATH_CALLS:
