@@ -5,6 +5,7 @@ answer read, the fit's search, the report's fields on a single-host and a multi-
 start-up lines kept out of a CPU command's output."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ from mixskd_jax import backends
 from mixskd_jax.bench import aot, aot_fit, aot_table, step as step_lib, tpu_slice
 from mixskd_jax.models import compiler_options
 from mixskd_jax.train import sharding
+from tests.doc_blocks import doc_block
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 GIB = 2 ** 30
@@ -155,6 +157,40 @@ def test_the_fit_finds_the_boundary_in_a_few_compiles(fixed, per_image, curvatur
   assert len(calls) == len(set(calls)) == len(measured) <= 5
   if largest is not None:  # the boundary itself was compiled from both sides
     assert measured[largest][0] and not measured[largest + granularity][0]
+
+
+def rematerializing_memory(fixed, per_image, usable, capacity):
+  """The TPU compiler near the limit: it rematerializes, so every batch up to `capacity` of
+  raw need fits with its peak held at about 91% of the HBM (a little up or down from one batch
+  to the next), and one beyond is refused with a need well below the raw line (measured on
+  v5e: fits at 14.24-14.40 of 15.75 GiB from 64 to 120 per chip, then "needs 17.35 GiB" at
+  128)."""
+  calls = []
+
+  def compile_at(batch):
+    calls.append(batch)
+    raw = fixed + per_image * batch
+    if raw <= capacity:
+      return True, int(min(raw, (0.91 + 0.004 * math.sin(batch)) * usable))
+    return False, int(max(0.55 * raw, 1.05 * usable))
+  return compile_at, calls
+
+
+@pytest.mark.parametrize("fixed,per_image,capacity,start", [
+    (1.5, 0.24, 1.9, 16), (1.5, 0.15, 1.3, 16), (1.5, 0.24, 1.9, 128), (3, 0.14, 3.3, 16)])
+def test_the_fit_doubles_and_bisects_where_the_compiler_rematerializes(fixed, per_image,
+                                                                      capacity, start):
+  """Where the peak stops growing the line says nothing: the search neither creeps up nor
+  down one granule per compile (as it did on v5e, 72 to 120 per chip in steps of 8, and on
+  v4, 640 down to 592), and ends at the true boundary."""
+  usable = int(15.75 * GIB)
+  compile_at, calls = rematerializing_memory(fixed * GIB, per_image * GIB, usable,
+                                             capacity * usable)
+  largest, measured = aot_fit.largest_fitting(compile_at, start, usable, 8)
+  assert largest == max(b for b in range(8, 5000, 8)
+                        if (fixed + per_image * b) * GIB <= capacity * usable)
+  assert len(calls) == len(set(calls)) <= 11
+  assert measured[largest][0] and not measured[largest + 8][0]
 
 
 def test_nothing_fits_is_none():
@@ -391,11 +427,13 @@ def test_scaling_quotes_the_tpu_compilers_tables_as_rendered():
 
 
 def documented_aot_commands():
+  """Every `python -m mixskd_jax.aot` command in SCALING.md, the README's pod block and
+  docs/pods.md's pre-launch block."""
+  with open(SCALING) as f:
+    texts = [f.read(), doc_block("README.md", "pod"), doc_block("docs/pods.md", "aot")]
   commands = []
-  for path in (SCALING, os.path.join(ROOT, "README.md")):
-    with open(path) as f:
-      text = f.read().replace("\\\n", " ")
-    for line in text.splitlines():
+  for text in texts:
+    for line in text.replace("\\\n", " ").splitlines():
       if "python -m mixskd_jax.aot " in line:
         commands.append(line.split("python -m mixskd_jax.aot ", 1)[1].split("`")[0].split())
   return commands

@@ -2,17 +2,16 @@
 
 Each candidate batch is compiled for the slice by the TPU compiler (`aot.compile_train`): it
 fits when the compile succeeds with a peak no larger than the HBM the compiler may use, and
-not when the compiler answers RESOURCE_EXHAUSTED. Memory grows about linearly with the batch,
-so the next candidate is where the line through the two nearest measured batches (the
-compiler's peak where it fits, what it says it needs where it does not) meets the usable HBM,
-rounded down to the granularity and kept strictly between the largest batch known to fit and
-the smallest known not to; the search ends when those two are one granularity apart. A
-compile at about the right batch is a few minutes for the ImageNet ResNet-50 MixSKD step on
-two CPU cores, so every compile counts: a fit usually takes three to five. Near and above the
-chip's HBM a compile can take much longer (the compiler tries to rematerialize before it
-gives up), so a fit may be hours on a laptop: with a `CompileLog` every compile's outcome is
-appended to a file as it finishes, and a fit started again with the same file takes them from
-there instead of compiling again.
+not when the compiler answers RESOURCE_EXHAUSTED. Memory grows about linearly with the batch
+until the compiler starts rematerializing to stay inside the chip; `next_candidate` follows
+the line while the measurements agree with it and doubles or bisects where they do not; the
+search ends when the largest batch known to fit and the smallest known not to are one
+granularity apart. On two CPU cores the ImageNet ResNet-50 MixSKD step compiles in 3 to 5
+minutes at a batch that fits (longest near the limit, where the compiler rematerializes to fit
+it) and is refused in under a minute at one that does not, so a fit of 8 to 10 compiles takes
+about an hour: with a `CompileLog` every compile's outcome is appended to a file as it
+finishes, and a fit started again with the same file takes them from there instead of
+compiling again.
 """
 
 from __future__ import annotations
@@ -53,9 +52,55 @@ def _round_down(value: float, granularity: int) -> int:
   return int(value // granularity) * granularity
 
 
+def _line(p1: tuple[int, int], p2: tuple[int, int]) -> Callable[[float], float]:
+  (b1, m1), (b2, m2) = p1, p2
+  return lambda b: m1 + (b - b1) * (m2 - m1) / (b2 - b1)
+
+
+def _linear_guess(measured: dict[int, tuple[bool, int | None]], lo: int, hi: int | None,
+                  usable: int) -> float | None:
+  """Where memory reaches `usable` on the line through two measured batches, or None where
+  the measurements do not support one (then the caller doubles or bisects).
+
+  Until a batch fails: the line through the two largest fits (from a single fit,
+  proportionally: memory's fixed part makes that err low); -inf where the largest fit's peak
+  is no higher than the one before (memory stopped growing with the batch: the TPU compiler
+  rematerializes near the limit). Once bracketed: the line across the bracket (the largest
+  fit's peak, the smallest failure's need), trusted only where it also passes within 5% of the
+  HBM of the next fit below the bracket."""
+  size = lambda b: measured[b][1] if b in measured else None
+  fits_below = [(b, m) for b, (fits, m) in sorted(measured.items()) if fits and m and b < lo]
+  if hi is None:
+    if not size(lo):
+      return None
+    if not fits_below:
+      return lo * usable / size(lo)
+    (b1, m1), (b2, m2) = fits_below[-1], (lo, size(lo))
+    if m2 <= m1:
+      return float("-inf")
+    return b2 + (usable - m2) * (b2 - b1) / (m2 - m1)
+  if not size(hi):
+    return None
+  if not lo or not size(lo):
+    return hi * usable / size(hi)
+  across = _line((lo, size(lo)), (hi, size(hi)))
+  if fits_below:
+    b, m = fits_below[-1]
+    if abs(across(b) - m) > 0.05 * usable:
+      return None
+  return lo + (usable - size(lo)) * (hi - lo) / (size(hi) - size(lo))
+
+
 def next_candidate(measured: dict[int, tuple[bool, int | None]], usable: int,
                    granularity: int) -> int | None:
   """The next per-device batch to compile, or None when the search is over.
+
+  Until a batch fails, the next is where the line through the two largest fits meets the
+  usable HBM, at most 8x the largest fit; where the measurements do not support a line, the
+  batch doubles. Overshooting is cheap: a batch that does not fit compiles in a fraction of
+  the time of one that does. Once bracketed, the line across the bracket picks the next batch
+  where it agrees with the measurements, and bisection where it does not or where the search
+  crept one granule from the same side twice.
 
   Args:
     measured: {batch: (fits, bytes)}: the peak where it fits, the compiler's need where not
@@ -67,32 +112,15 @@ def next_candidate(measured: dict[int, tuple[bool, int | None]], usable: int,
   failing = [b for b, (fits, _) in measured.items() if not fits]
   lo = max(fitting, default=0)
   hi = min(failing, default=None)
-  if hi is not None and hi - lo <= granularity:
-    return None
-  if hi is not None and hi <= granularity:
-    return None  # not even the smallest batch fits
-  points = sorted((b, m) for b, (_, m) in measured.items() if m)
-  guess = None
-  if len(points) >= 2:
-    # The two measured batches nearest the boundary.
-    near = sorted(points, key=lambda p: abs(p[1] - usable))[:2]
-    (b1, m1), (b2, m2) = sorted(near)
-    if m2 != m1 and b2 != b1:
-      guess = b1 + (usable - m1) * (b2 - b1) / (m2 - m1)
-  elif points:
-    b1, m1 = points[0]
-    guess = b1 * usable / m1  # proportional: memory's fixed part makes it err low
-  upper = hi - granularity if hi is not None else None
-  if guess is None:
-    candidate = lo * 2 if hi is None else (lo + hi) / 2
-  else:
-    candidate = guess
-  candidate = max(_round_down(candidate, granularity), lo + granularity)
-  if upper is not None:
-    candidate = min(candidate, upper)
-  if hi is None and candidate <= lo:
-    candidate = lo * 2
-  return candidate if candidate not in measured else None
+  if hi is not None and (hi - lo <= granularity or hi <= granularity):
+    return None  # the boundary is found, or not even the smallest batch fits
+  guess = _linear_guess(measured, lo, hi, usable)
+  if hi is None:
+    candidate = 2 * lo if guess is None or guess < lo else min(guess, 8 * lo)
+    return max(_round_down(candidate, granularity), lo + granularity)
+  crept = (lo - granularity) in fitting or (hi + granularity) in failing
+  candidate = (lo + hi) / 2 if guess is None or crept else guess
+  return min(max(_round_down(candidate, granularity), lo + granularity), hi - granularity)
 
 
 def largest_fitting(compile_at: Callable[[int], tuple[bool, int | None]], start: int,
