@@ -294,11 +294,11 @@ def test_import_subcommand_is_the_old_command(monkeypatch, capsys):
     assert status == 2 and "--num_classes 0" in err
 
 
-def test_readme_commands_parse():
-  """README's export-torch commands use flags the command has (they run in
+def test_documented_export_commands_parse():
+  """docs/checkpoints.md's export-torch commands use flags the command has (they run in
   test_command_exports_newest_step's way; here only their flags are checked, cheaply)."""
-  from tests.test_readme import readme_block
-  lines = readme_block("export-torch").strip().splitlines()
+  from tests.doc_blocks import doc_block
+  lines = doc_block("docs/checkpoints.md", "export-torch").strip().splitlines()
   assert len(lines) == 3
   for line in lines:
     words = line.split()
@@ -420,3 +420,55 @@ def test_command_pt_format(workdir, tmp_path, monkeypatch, capsys):
   assert list(loaded) == list(expected)
   for k, v in expected.items():
     np.testing.assert_array_equal(loaded[k].numpy(), v)
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/checkpoints.md's PyTorch snippets, run on files exported as its commands write them.
+
+GUIDE = "docs/checkpoints.md"
+
+
+@pytest.fixture(scope="module")
+def exported_resnet50(tmp_path_factory):
+  """A folder holding r50_mixskd.safetensors (with the head) and r50_backbone.safetensors
+  (without), a random ImageNet ResNet-50 of 1000 classes exported in torchvision's layout."""
+  folder = tmp_path_factory.mktemp("r50")
+  variables = random_variables(build_model("imagenet_resnet50", 1000, mixskd=False), 8, 64)
+  for name, head in (("r50_mixskd", True), ("r50_backbone", False)):
+    save_safetensors(str(folder / f"{name}.safetensors"),
+                     torch_state_dict(variables, "imagenet_resnet50", head=head))
+  return folder
+
+
+def run_guide_snippets(names, folder, monkeypatch):
+  """Runs the guide's blocks `names` in order, in one namespace (later blocks use earlier
+  blocks' imports, as a reader's session would), in `folder`."""
+  from tests.doc_blocks import doc_block  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(folder)
+  namespace = {}
+  for name in names:
+    exec(compile(doc_block(GUIDE, name), f"{GUIDE} {name}", "exec"), namespace)
+  return namespace
+
+
+@pytest.mark.slow
+def test_guide_torchvision_snippets_load_the_exported_files(exported_resnet50, monkeypatch):
+  """Classification (strict), Faster R-CNN's backbone body (nothing missing or unexpected),
+  the frozen-BatchNorm FPN backbone (strict) and DeepLabV3's backbone (strict) all take the
+  exported files, and end up holding the exported weights."""
+  torch = pytest.importorskip("torch")
+  import_torchvision()
+  from safetensors.torch import load_file
+  backbone = load_file(str(exported_resnet50 / "r50_backbone.safetensors"))
+  namespace = run_guide_snippets(["torchvision-classify", "torchvision-detection"],
+                                 exported_resnet50, monkeypatch)
+  assert namespace["missing"] == [] and namespace["unexpected"] == []
+  body = namespace["model"].backbone.body.state_dict()
+  torch.testing.assert_close(body["layer4.2.conv3.weight"], backbone["layer4.2.conv3.weight"])
+  for name in ("torchvision-frozen-backbone", "torchvision-deeplab"):
+    namespace = run_guide_snippets(["torchvision-classify", name], exported_resnet50, monkeypatch)
+    loaded = (namespace["backbone"].body if name == "torchvision-frozen-backbone"
+              else namespace["model"].backbone).state_dict()
+    torch.testing.assert_close(loaded["conv1.weight"], backbone["conv1.weight"])
+    torch.testing.assert_close(loaded["layer1.0.bn1.running_var"],
+                               backbone["layer1.0.bn1.running_var"])

@@ -48,8 +48,8 @@ def assert_frozen_and_trained(before, after, variant):
 
 
 def linen_training(variant, tx_of):
-  """STEPS steps of the README's staged Linen network with the optimizer `tx_of(params,
-  config)`; returns (params before, params after)."""
+  """STEPS steps of a staged Linen network like docs/own-model.md's, with the optimizer
+  `tx_of(params, config)`; returns (params before, params after)."""
   model = mixskd.mixskd_network([LinenStage(8), LinenStage(16)], num_classes=4,
                                 stem=nn.Conv(8, (3, 3)))
   variables = model.init(jax.random.key(1), IMAGES)

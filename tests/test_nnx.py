@@ -1,6 +1,6 @@
 """mixskd_jax.nnx: the NNX heads equal the Linen ones, the network builds fresh branches, the
 trainable filter freezes what each variant freezes (by top-level path only), the loss is the
-shared objective on one [clean; mixed] pass, and README's NNX example runs."""
+shared objective on one [clean; mixed] pass, and the own-model guide's NNX example runs."""
 
 import functools
 
@@ -14,7 +14,7 @@ from flax import nnx, traverse_util
 from mixskd_jax import nnx as mnnx
 from mixskd_jax.method import mixing, objective
 from mixskd_jax.models import heads
-from tests.test_readme import readme_block
+from tests.doc_blocks import doc_block
 
 
 def nnx_params(module):
@@ -213,9 +213,10 @@ def test_loss_is_objective_on_one_pass_and_batchnorm_sees_both_views():
 
 
 @pytest.mark.slow
-def test_readme_nnx_example_runs(capsys):
+def test_guide_nnx_example_runs(capsys):
   namespace = {}
-  exec(compile(readme_block("nnx-model"), "README nnx-model", "exec"), namespace)
+  exec(compile(doc_block("docs/own-model.md", "nnx-model"), "own-model nnx-model", "exec"),
+       namespace)
   assert all(np.isfinite(float(v)) for v in namespace["terms"].values())
   assert namespace["logits"].shape == (8, 10)
   assert "clean_ce" in capsys.readouterr().out

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,9 @@ import nbformat
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+
+from tests.doc_blocks import doc_block
+from tests.doc_commands import shell_lines
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 NOTEBOOK_DIR = os.path.join(REPO, "experiments", "notebooks")
@@ -267,10 +271,14 @@ def test_load_checkpoint_predict(where, kernel_dir, compilation_cache, package_s
 
 @pytest.fixture(scope="module")
 def package_wheel(package_source, tmp_path_factory):
-  """The wheel the notebooks' install cell tells a Colab user to build and upload, built as it
-  says (`pip wheel . --no-deps -w dist`) from a copy of the checkout."""
+  """The wheel the notebooks' install cell tells a Colab user to build and upload, built from a
+  copy of the checkout by the command docs/notebooks.md gives (`pip wheel . --no-deps -w dist`),
+  into a temporary folder instead of dist/."""
   dist = tmp_path_factory.mktemp("dist")
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), "."],
+  words = shlex.split(shell_lines(doc_block("docs/notebooks.md", "wheel"))[0])
+  assert words[:2] == ["pip", "wheel"] and words[words.index("-w") + 1] == "dist", words
+  words[words.index("-w") + 1] = str(dist)
+  subprocess.run([sys.executable, "-m", *words, "-q"],
                  cwd=package_source, check=True, capture_output=True, text=True, timeout=600)
   wheels = [name for name in os.listdir(dist) if name.endswith(".whl")]
   assert len(wheels) == 1 and wheels[0].startswith("mixskd_jax-"), wheels

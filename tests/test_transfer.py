@@ -30,7 +30,7 @@ from mixskd_jax.store import workdir as workdir_lib
 from mixskd_jax.store.checkpoint import Checkpoints
 from mixskd_jax.train import builder, layout, sharding
 from mixskd_jax.train.state import TrainState
-from tests.test_readme import readme_block
+from tests.doc_blocks import doc_block
 from tests.training_configs import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,13 +284,13 @@ def test_fine_tune_from_a_step_then_resume_from_its_own_checkpoint(source_workdi
 
 
 # ---------------------------------------------------------------------------------------------
-# The README's command.
+# docs/checkpoints.md's commands.
 
-def test_readme_fine_tune_command_parses_to_a_valid_config():
-  """The README's linear-probe command: its --config.* flags parse (the tuple included) into a
+def test_documented_fine_tune_command_parses_to_a_valid_config():
+  """docs/checkpoints.md's linear-probe command: its --config.* flags parse (the tuple included) into a
   config that validates, through ml_collections' own flag parser as `mixskd_jax.main` does."""
   commands = [shlex.split(line) for line in
-              readme_block("fine-tune").replace("\\\n", " ").splitlines()
+              doc_block("docs/checkpoints.md", "fine-tune").replace("\\\n", " ").splitlines()
               if line.startswith("python")]
   probe = [c for c in commands if any("freeze_backbone" in a for a in c)][0]
   assert probe[:3] == ["python", "-m", "mixskd_jax.main"]

@@ -28,7 +28,7 @@ from mixskd_jax.transfer import backbone, config as transfer_config, protocol, r
 from mixskd_jax.transfer import data as transfer_data
 from mixskd_jax.transfer import scenes, segmentation, sweep
 from tests.test_cli import assert_one_line_error, user_env
-from tests.test_readme import readme_block
+from tests.doc_blocks import doc_block
 from tests.test_transfer import source_workdir  # noqa: F401  (a pytest fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -325,11 +325,11 @@ def test_unit_pooled_discriminator_input_ignores_feature_scale():
     ObjectiveConfig.for_variant("full", discriminator_input="scaled")
 
 
-def test_readme_transfer_command_runs_end_to_end(tmp_path, source_workdir):  # noqa: F811
-  """The README's command, on the test's source and shrunk by --config flags (the sizes of
+def test_documented_transfer_command_runs_end_to_end(tmp_path, source_workdir):  # noqa: F811
+  """docs/checkpoints.md's command, on the test's source and shrunk by --config flags (the sizes of
   `tiny_transfer_config`, the fine-tuning task alone: the in-process test above runs every
   task): exit 0, the task's file, and a summary line on stdout."""
-  words = shlex.split(readme_block("transfer").strip())
+  words = shlex.split(doc_block("docs/checkpoints.md", "transfer").strip())
   assert words[:3] == ["python", "-m", "mixskd_jax.transfer"]
   flags = {w.split("=", 1)[0]: w for w in words[3:]}
   assert set(flags) == {"--init_from", "--workdir"}
