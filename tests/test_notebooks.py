@@ -101,8 +101,9 @@ def run_notebook(name, kernel_dir, cache_dir, output_dir, *, cwd=NOTEBOOK_DIR, e
                           kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dir]))
   client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                    resources={"metadata": {"path": str(cwd)}})
-  # raises on a cell's error
-  client.execute(env=kernel_environment(output_dir, cache_dir, changes=env))
+  # Raises on a cell's error. cleanup_kc: nbclient leaves a kernel it was handed running (one
+  # idle kernel of up to 2.5 GB per notebook until the test process ends); shut it down.
+  client.execute(cleanup_kc=True, env=kernel_environment(output_dir, cache_dir, changes=env))
   # A cell's printed text may arrive as several stream outputs: join them before splitting.
   text = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                  for out in cell.get("outputs", []) if out.get("output_type") == "stream")

@@ -9,7 +9,7 @@ MixSKD network by `models/staged.py`). Offline on a 2-core CPU:
 
 Recipe: `recipes.fashion_mnist_staged` (30,000 images, 3 epochs, lr 0.1).
 
-Expected (measured once, seed 0, README "Beyond ResNets"): backbone head
+Expected (measured once, seed 0, docs/backbones.md): backbone head
 76.11% (branch 1 80.26%, self-teacher 80.12%); its CE twin 80.85%.
 Time on the 2-core development machine, cores shared with other jobs:
 23 min 49 s (CE 11 min 38 s).

@@ -10,7 +10,7 @@ encoder blocks, one head per stage). Offline on a 2-core CPU:
 Recipe: `recipes.fashion_mnist_staged` with lr 0.03 (at 0.1 SGD diverges on this ViT within
 a dozen steps).
 
-Expected (measured once, seed 0, README "Beyond ResNets"): backbone head
+Expected (measured once, seed 0, docs/backbones.md): backbone head
 73.37% (branch 1 73.39%, self-teacher 73.46%); its CE twin 73.05%.
 Time on the 2-core development machine, cores shared with other jobs:
 21 min 18 s (CE 4 min 36 s).

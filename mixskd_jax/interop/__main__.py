@@ -76,8 +76,8 @@ def parse_export_args(argv: list[str]) -> argparse.Namespace:
   """The flags of `export-torch`."""
   parser = _OneLineParser(
       prog=f"python -m mixskd_jax.interop {EXPORT}",
-      description="Write a trained ResNet as a PyTorch state dict (see README, 'Using a "
-                  "trained backbone in PyTorch').")
+      description="Write a trained ResNet as a PyTorch state dict (see docs/checkpoints.md, "
+                  "'Using a trained backbone in PyTorch').")
   parser.add_argument("--from", dest="source", metavar="PATH", required=True,
                       help="training workdir, <workdir>/checkpoints/<step>, or a directory "
                            "the import wrote")

@@ -1,7 +1,7 @@
 """XLA compiler options for a model's train step: `jax.jit(step, compiler_options=...)`.
 
 Two choices for XLA:CPU, both measured on the 2-core development machine (jax 0.10.2, A/B
-in one process; README "Benchmark"), both leaving the computed values unchanged:
+in one process; docs/benchmarking.md), both leaving the computed values unchanged:
 
 * `config.model.conv_input_barrier` puts an optimization barrier on every convolution's input
   (`layers.conv`). XLA:CPU in jax 0.10 expands barriers (pass `cse_barrier_expander`) before
