@@ -99,6 +99,9 @@ def _load_split_cached(name, split, data_dir, idx_dir, reader_token):
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           read_config=tfds.ReadConfig(interleave_cycle_length=1))
   images, labels = [], []
+  # Not as_dataset(batch_size=-1): that batches by the split size tfds recorded, and under
+  # tfds.testing.mock_data (how users and our tests mock a dataset) none is recorded, so tfds
+  # batches by sys.maxsize and the process aborts (std::length_error).
   try:
     for chunk in tfds.as_numpy(ds.batch(_LOAD_CHUNK)):
       images.append(chunk["image"])
