@@ -46,14 +46,17 @@ def _run_slow(config) -> bool:
 
 
 # The files with the longest slow tier (multi-process runs, kill-and-resume chains), heaviest
-# first (measured with --durations). With `-n 2 --dist loadfile` a file is one unit of work,
-# handed to whichever process is free, in collection order: starting the long files first
-# keeps one process from running a three-minute file alone at the end. xdist would otherwise
+# first (each file's summed --durations in a full --slow run, December 2026). With `-n 2
+# --dist loadfile` a file is one unit of work, handed to whichever process is free, in
+# collection order: starting the long files first keeps one process from running a
+# three-minute file alone at the end. xdist would otherwise
 # order files by their number of tests (`--loadscope-reorder`), which puts these last.
-HEAVIEST_FILES = ("test_reliability.py", "test_multihost.py", "test_resume.py", "test_aot.py",
-                  "test_experiments.py", "test_staged.py", "test_communication.py",
-                  "test_transfer_protocol.py", "test_configs.py", "test_benchmark.py",
-                  "test_notebooks.py", "test_sharding.py", "test_train_loop.py")
+HEAVIEST_FILES = ("test_reliability.py", "test_multihost.py", "test_resume.py",
+                  "test_benchmark.py", "test_interop.py", "test_staged.py", "test_experiments.py",
+                  "test_notebooks.py", "test_transfer_protocol.py", "test_sharding.py",
+                  "test_doc_commands.py", "test_data_faults.py", "test_models.py",
+                  "test_configs.py", "test_aot.py", "test_communication.py", "test_train_loop.py",
+                  "test_loss_api.py", "test_signals.py")
 
 
 def pytest_configure(config):
