@@ -231,6 +231,7 @@ def test_fit_report_gives_the_batch_and_learning_rate_of_the_scaling_rule(monkey
   assert lines[0] == "  float32, remat_branches=False: 16 per chip fits (2.60 GiB), compiled in 3 s"
   assert seen[0] == (16, "float32", False)  # from the recipe's own per-chip batch
   assert {s[1:] for s in seen} == {("float32", False), ("bfloat16", False)}
+  assert f32["compile_seconds"] == 3.0 * f32["compiles"]
   assert "136" in aot_table.format_fit(result)
 
 

@@ -224,6 +224,8 @@ def fit_row(config: ml_collections.ConfigDict, tpu: TpuSlice, usable: int, *, dt
       _compile_at(base, tpu, usable, reports, progress, log), start, usable, granularity)
   row = {"dtype": dtype, "remat_branches": remat, "largest_per_device_batch": largest,
          "compiles": len(measured), "seconds": time.perf_counter() - t0,
+         # What the compiles cost, those taken from a compile log included.
+         "compile_seconds": sum(r["lower_s"] + r["compile_s"] for r in reports.values()),
          "measured": {str(b): {"fits": f, "bytes": m} for b, (f, m) in sorted(measured.items())}}
   if largest is not None:
     resolved = layout.resolve(with_per_device_batch(base, largest), tpu.num_devices,
