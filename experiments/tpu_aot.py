@@ -148,7 +148,8 @@ def fit_table() -> str:
       peak = row.get("peak_bytes")
       rows.append(
           f"| {fit['topology']} ({fit['device_kind']}) | {row['dtype']} | "
-          f"{row['remat_branches']} | {largest if largest is not None else 'none'} | "
+          f"{row['remat_branches']} | {'none' if largest is None else largest}"
+          f"{'' if row.get('boundary_found', True) else ' or more (search stopped)'} | "
           f"{'-' if peak is None else f'{peak / GIB:.2f} GiB'} | "
           f"{fit['hbm_usable_bytes'] / GIB:.2f} GiB | "
           f"{row.get('global_batch_size', '-')}, {row.get('learning_rate', float('nan')):g} | "

@@ -193,6 +193,17 @@ def test_the_fit_doubles_and_bisects_where_the_compiler_rematerializes(fixed, pe
   assert measured[largest][0] and not measured[largest + 8][0]
 
 
+def test_a_search_stopped_by_the_compile_cap_says_so():
+  """Cut off before the boundary, the row says `boundary_found: False` and the printed table
+  shows the largest fit as a lower bound."""
+  usable = int(15.75 * GIB)
+  compile_at, _ = linear_memory(1e9, 1e7, usable)
+  largest, measured = aot_fit.largest_fitting(compile_at, 16, usable, 8, max_compiles=3)
+  assert largest is not None and aot_fit.next_candidate(measured, usable, 8) is not None
+  assert aot_table.largest_cell(largest, False) == f">= {largest}"
+  assert aot_table.largest_cell(largest, True) == str(largest)
+
+
 def test_nothing_fits_is_none():
   compile_at, calls = linear_memory(20 * GIB, 1e8, int(15.75 * GIB))
   assert aot_fit.largest_fitting(compile_at, 16, int(15.75 * GIB), 8)[0] is None
@@ -232,6 +243,7 @@ def test_fit_report_gives_the_batch_and_learning_rate_of_the_scaling_rule(monkey
   assert seen[0] == (16, "float32", False)  # from the recipe's own per-chip batch
   assert {s[1:] for s in seen} == {("float32", False), ("bfloat16", False)}
   assert f32["compile_seconds"] == 3.0 * f32["compiles"]
+  assert f32["boundary_found"] and bf16["boundary_found"]
   assert "136" in aot_table.format_fit(result)
 
 

@@ -101,6 +101,13 @@ def does_not_fit_line(r: dict[str, Any]) -> str:
           "per-chip batch that fits)")
 
 
+def largest_cell(largest: int | None, boundary_found: bool) -> str:
+  """The largest batch found, as `>= N` where the search stopped before the boundary."""
+  if largest is None:
+    return "none"
+  return str(largest) if boundary_found else f">= {largest}"
+
+
 def format_fit(result: dict[str, Any], label: str = "") -> str:
   """The fit as a table: one row per (dtype, remat) with the largest per-chip batch."""
   lines = [f"fit {label or result['model']} on {result['topology']}: {result['devices']} x "
@@ -114,7 +121,8 @@ def format_fit(result: dict[str, Any], label: str = "") -> str:
     largest = row["largest_per_device_batch"]
     lines.append(
         f"{row['dtype']:<10}{str(row['remat_branches']):>7}"
-        f"{'none' if largest is None else largest:>18}{_gib(row.get('peak_bytes')):>12}"
+        f"{largest_cell(largest, row.get('boundary_found', True)):>18}"
+        f"{_gib(row.get('peak_bytes')):>12}"
         f"{row.get('global_batch_size') or '-':>14}"
         f"{'-' if row.get('learning_rate') is None else format(row['learning_rate'], 'g'):>10}"
         f"{row['compiles']:>10}{row.get('compile_seconds', row['seconds']):>10.0f}s")
