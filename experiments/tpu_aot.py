@@ -136,6 +136,7 @@ def step_table() -> str:
 
 def fit_table() -> str:
   """Every finished fit: the largest per-chip batch per dtype and remat setting."""
+  from mixskd_jax.bench.aot_table import largest_cell  # pylint: disable=import-outside-toplevel
   rows = ["| slice | dtype | remat_branches | largest per chip | HBM peak there (compiler) "
           "| usable HBM | global batch, lr on this slice | compiles (batches tried) |",
           "|---|---|---|---:|---:|---:|---|---|"]
@@ -143,13 +144,12 @@ def fit_table() -> str:
     with open(path) as f:
       fit = json.load(f)
     for row in fit["rows"]:
-      largest = row["largest_per_device_batch"]
       tried = ", ".join(f"{b}{'' if m['fits'] else ' x'}" for b, m in row["measured"].items())
       peak = row.get("peak_bytes")
       rows.append(
           f"| {fit['topology']} ({fit['device_kind']}) | {row['dtype']} | "
-          f"{row['remat_branches']} | {'none' if largest is None else largest}"
-          f"{'' if row.get('boundary_found', True) else ' or more (search stopped)'} | "
+          f"{row['remat_branches']} | "
+          f"{largest_cell(row['largest_per_device_batch'], row.get('boundary_found', True))} | "
           f"{'-' if peak is None else f'{peak / GIB:.2f} GiB'} | "
           f"{fit['hbm_usable_bytes'] / GIB:.2f} GiB | "
           f"{row.get('global_batch_size', '-')}, {row.get('learning_rate', float('nan')):g} | "

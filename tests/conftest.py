@@ -49,8 +49,8 @@ def _run_slow(config) -> bool:
 # first (each file's summed --durations in a full --slow run, December 2026). With `-n 2
 # --dist loadfile` a file is one unit of work, handed to whichever process is free, in
 # collection order: starting the long files first keeps one process from running a
-# three-minute file alone at the end. xdist would otherwise
-# order files by their number of tests (`--loadscope-reorder`), which puts these last.
+# three-minute file alone at the end. xdist would otherwise order files by their number of
+# tests (`--loadscope-reorder`), which puts these last.
 HEAVIEST_FILES = ("test_reliability.py", "test_multihost.py", "test_resume.py",
                   "test_benchmark.py", "test_interop.py", "test_staged.py", "test_experiments.py",
                   "test_notebooks.py", "test_transfer_protocol.py", "test_sharding.py",

@@ -6,10 +6,10 @@ not when the compiler answers RESOURCE_EXHAUSTED. Memory grows about linearly wi
 until the compiler starts rematerializing to stay inside the chip; `next_candidate` follows
 the line while the measurements agree with it and doubles or bisects where they do not; the
 search ends when the largest batch known to fit and the smallest known not to are one
-granularity apart. On two CPU cores the ImageNet ResNet-50 MixSKD step compiles in 3 to 5
-minutes at a batch that fits (longest near the limit, where the compiler rematerializes to fit
-it) and is refused in under a minute at one that does not, so a fit of 8 to 10 compiles takes
-about an hour: with a `CompileLog` every compile's outcome is appended to a file as it
+granularity apart. On two otherwise idle CPU cores the ImageNet ResNet-50 MixSKD step
+compiled in 3 to 7 minutes at a batch that fits (longest near the limit, where the compiler
+rematerializes to fit it) and was refused in under a minute at one that does not; a fit took
+8 to 12 compiles. With a `CompileLog` every compile's outcome is appended to a file as it
 finishes, and a fit started again with the same file takes them from there instead of
 compiling again.
 """
@@ -53,9 +53,15 @@ def _round_down(value: float, granularity: int) -> int:
   return int(value // granularity) * granularity
 
 
-def _line(p1: tuple[int, int], p2: tuple[int, int]) -> Callable[[float], float]:
-  (b1, m1), (b2, m2) = p1, p2
-  return lambda b: m1 + (b - b1) * (m2 - m1) / (b2 - b1)
+def _on_line(p1: tuple[float, float], p2: tuple[float, float], x: float) -> float:
+  """y at `x` on the line through the (x, y) points p1 and p2."""
+  (x1, y1), (x2, y2) = p1, p2
+  return y1 + (x - x1) * (y2 - y1) / (x2 - x1)
+
+
+def _batch_at(p1: tuple[int, int], p2: tuple[int, int], usable: float) -> float:
+  """The batch where the line through the (batch, bytes) points p1 and p2 reaches `usable`."""
+  return _on_line(p1[::-1], p2[::-1], usable)
 
 
 def _linear_guess(measured: dict[int, tuple[bool, int | None]], lo: int, hi: int | None,
@@ -76,20 +82,19 @@ def _linear_guess(measured: dict[int, tuple[bool, int | None]], lo: int, hi: int
       return None
     if not fits_below:
       return lo * usable / size(lo)
-    (b1, m1), (b2, m2) = fits_below[-1], (lo, size(lo))
-    if m2 <= m1:
+    if size(lo) <= fits_below[-1][1]:
       return float("-inf")
-    return b2 + (usable - m2) * (b2 - b1) / (m2 - m1)
+    return _batch_at(fits_below[-1], (lo, size(lo)), usable)
   if not size(hi):
     return None
   if not lo or not size(lo):
     return hi * usable / size(hi)
-  across = _line((lo, size(lo)), (hi, size(hi)))
+  across = ((lo, size(lo)), (hi, size(hi)))
   if fits_below:
     b, m = fits_below[-1]
-    if abs(across(b) - m) > 0.05 * usable:
+    if abs(_on_line(*across, b) - m) > 0.05 * usable:
       return None
-  return lo + (usable - size(lo)) * (hi - lo) / (size(hi) - size(lo))
+  return _batch_at(*across, usable)
 
 
 def next_candidate(measured: dict[int, tuple[bool, int | None]], usable: int,
