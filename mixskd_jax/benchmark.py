@@ -6,9 +6,11 @@ r"""How fast a config's train step runs, against the machine's limit and a plain
 Any config field can be overridden as in training (`--config.model.dtype=bfloat16`).
 From Python: `print(format_table(run_benchmark(config)))`. `--against=torch [--rounds=3]` times
 the step side by side with the PyTorch implementation of the same network instead
-(`bench/torch_side.py`, `bench/side_by_side.py`). `--profile` prints where the step's time
-goes instead: its XLA ops' time per step by kind (convolutions, transposes, fusions...) and the
-slowest ops, from JAX's profiler (`bench/op_profile.py`).
+(`bench/torch_side.py`, `bench/side_by_side.py`). `--profile` prints where the step's thread
+time goes instead: each kind of XLA op's (with the thread-pool work it scheduled), the runtime's
+between ops and idle threads', adding up to wall time x threads, and the ops that take most
+(`bench/op_profile.py`); with `--against=torch`, next to PyTorch's step, row by row
+(`bench/breakdown.py`).
 
 What is measured, for the config's train step and for the plain cross-entropy step of the same
 backbone and batch (`recipes.with_method(config, "cross_entropy")`):
@@ -53,6 +55,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if f.profile and f.against == "torch":
+    from mixskd_jax.bench import breakdown  # pylint: disable=import-outside-toplevel
+    breakdown.main(f, label=command_line.config_label())
+    return
   if f.profile:
     from mixskd_jax.bench import op_profile  # pylint: disable=import-outside-toplevel
     print(op_profile.format_profile(op_profile.profile_step(f.config, steps=max(f.steps, 1),
@@ -89,7 +95,9 @@ if __name__ == "__main__":
                     "torch: time the step side by side with the PyTorch implementation of the "
                     "same network and objective (bench/side_by_side.py); --steps per round.")
   flags.DEFINE_bool("profile", False, "Instead of the table: trace --steps steps of the "
-                    "config's train step and print its ops' time by kind (bench/op_profile.py).")
+                    "config's train step and print where its thread time goes, by kind of op "
+                    "(bench/op_profile.py); with --against=torch, next to PyTorch's "
+                    "(bench/breakdown.py).")
   flags.DEFINE_integer("rounds", 3, "--against: alternating rounds of --steps timed steps.")
   flags.DEFINE_integer("pipeline_batches", 20, "Batches the input pipeline is timed over.")
   flags.DEFINE_integer("pipeline_mock_examples", 0,

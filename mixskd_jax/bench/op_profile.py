@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import re
 import tempfile
 import time
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from mixskd_jax.bench import thread_time
 from mixskd_jax.bench.host import usable_cpus
 from mixskd_jax.bench.step import compile_step
 
@@ -41,10 +43,18 @@ KINDS = (
     ("elementwise fusion", ("fusion",)),
 )
 OTHER = "other"
+OUTSIDE = "outside compiled code"
 
 
-def kind_of(op: str) -> str:
-  """The kind of an HLO op name, e.g. 'transpose_copy_fusion.2' -> 'transpose'."""
+_FUSED_WORK = (("convolution", " convolution("), ("matmul", " dot("), ("reduction", " reduce("))
+
+
+def kind_of(op: str, fused: dict[str, str] | None = None) -> str:
+  """The kind of an HLO op name, e.g. 'transpose_copy_fusion.2' -> 'transpose'; a fusion named
+  for its library, not its work ('ynn_fusion.1': YNNPACK's convolutions, matmuls or reductions),
+  takes its kind from `fused` (`fusion_kinds` of the compiled HLO) where given."""
+  if fused and op in fused:
+    return fused[op]
   name = op.lower()
   for kind, marks in KINDS:
     if any(m in name for m in marks):
@@ -52,45 +62,78 @@ def kind_of(op: str) -> str:
   return OTHER
 
 
-def op_times(xspace_bytes: bytes) -> dict[str, float]:
-  """{HLO op name: seconds summed over its executions} from a serialized XSpace (read with
-  JAX's own `jax.profiler.ProfileData`)."""
-  seconds = collections.Counter()
-  for plane in jax.profiler.ProfileData.from_serialized_xspace(xspace_bytes).planes:
-    for line in plane.lines:
-      for event in line.events:
-        if any(name == "hlo_op" for name, _ in event.stats):
-          seconds[event.name] += event.duration_ns * 1e-9
-  return dict(seconds)
+def fusion_kinds(hlo_text: str) -> dict[str, str]:
+  """{fusion op: kind} for the fusions of a compiled module (`compiled.as_text()`) whose called
+  computation holds a convolution, a dot or a reduce (in that order of precedence)."""
+  bodies, current = {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:%)?([\w.\-]+) .*\{$", line)
+    if head and not line.startswith(" "):
+      current = bodies.setdefault(head.group(1), [])
+    elif current is not None:
+      current.append(line)
+  kinds = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? fusion\(.*?calls=%?([\w.\-]+)",
+                       hlo_text, flags=re.MULTILINE):
+    body = "\n".join(bodies.get(m.group(2), ()))
+    for kind, mark in _FUSED_WORK:
+      if mark in body:
+        kinds[m.group(1)] = kind
+        break
+  return kinds
 
 
-def profile_calls(fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
-  """Traces `calls` calls of `fn` (each should run and wait for compiled steps).
+def trace_window(threads: dict[str, list[thread_time.Event]]) -> tuple[int, int]:
+  """(first event's start, last event's end) over all threads: the span in which the traced
+  steps' compiled code ran (the events kept are ops and pool tasks only)."""
+  events = [e for evs in threads.values() for e in evs]
+  return min(e.start_ns for e in events), max(e.end_ns for e in events)
 
-  Returns:
-    {"calls", "ops": {op: seconds per call}, "kinds": {kind: seconds per call}, "total_s",
-    "wall_s": seconds per traced call, "threads": the CPUs this process may run on}: the ops'
-    times summed per call, largest first.
+
+def profile_calls(fn: Callable[[], Any], calls: int = 3,
+                  hlo_text: str | None = None) -> dict[str, Any]:
+  """Traces `calls` calls of `fn` (each should run and wait for compiled steps) and accounts
+  for every thread-second of them (`bench.thread_time`).
+
+  Returns, all in seconds per call:
+    {"calls", "ops": {op: thread time}, "kinds": {kind: thread time}, "total_s": the ops' sum,
+    "op_kinds": {op: kind} (`kind_of`, with `fusion_kinds(hlo_text)` where the compiled
+    module's text is given), "runtime_s": pool tasks no op scheduled, "idle_s": threads doing nothing while compiled
+    code ran, "outside_s": threads x the time no compiled code ran (dispatch, Python),
+    "capacity_s": threads x wall, "wall_s", "threads"}. The ops (largest first) and kinds sum
+    to total_s, and total + runtime + idle + outside = capacity (less any "overlap_s": busy
+    time beyond `threads`, from the calling thread).
   """
+  threads_usable = usable_cpus()
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     try:
       start = time.perf_counter()
       for _ in range(calls):
         fn()
-      wall = (time.perf_counter() - start) / calls
+      wall = time.perf_counter() - start
     finally:
       jax.profiler.stop_trace()
-    times = collections.Counter()
+    threads: dict[str, list[thread_time.Event]] = collections.defaultdict(list)
     for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
       with open(path, "rb") as f:
-        times.update(op_times(f.read()))
-  ops = {op: s / calls for op, s in times.most_common()}
+        for name, events in thread_time.events_from_xspace(f.read()).items():
+          threads[name] += events
+  lo, hi = trace_window(threads)
+  window_s = min((hi - lo) * 1e-9, wall)
+  acc = thread_time.account(threads, window=(lo, hi), capacity_threads=threads_usable)
+  ops = {op: s / calls for op, s in acc["ops"].items()}
+  fused = fusion_kinds(hlo_text) if hlo_text else {}
+  op_kinds = {op: kind_of(op, fused) for op in ops}
   kinds = collections.Counter()
   for op, s in ops.items():
-    kinds[kind_of(op)] += s
-  return {"calls": calls, "ops": ops, "kinds": dict(kinds.most_common()),
-          "total_s": sum(ops.values()), "wall_s": wall, "threads": usable_cpus()}
+    kinds[op_kinds[op]] += s
+  return {"calls": calls, "ops": ops, "op_kinds": op_kinds, "kinds": dict(kinds.most_common()),
+          "total_s": sum(ops.values()), "runtime_s": acc["runtime_s"] / calls,
+          "idle_s": acc["idle_s"] / calls, "overlap_s": acc["overlap_s"] / calls,
+          "outside_s": (wall - window_s) * threads_usable / calls,
+          "capacity_s": wall * threads_usable / calls, "wall_s": wall / calls,
+          "threads": threads_usable}
 
 
 def profile_step(config: ml_collections.ConfigDict, *, steps: int = 3,
@@ -99,25 +142,37 @@ def profile_step(config: ml_collections.ConfigDict, *, steps: int = 3,
   traced over `steps` steps (`profile_calls`); adds "step_s", the last untraced step's time."""
   _, runner = compile_step(config)
   step_s = runner.time(steps=1, warmup=warmup)[0]
-  profile = profile_calls(lambda: runner.time(steps=1, warmup=0), calls=steps)
+  profile = profile_calls(lambda: runner.time(steps=1, warmup=0), calls=steps,
+                          hlo_text=runner.hlo_text())
   profile["step_s"] = step_s
   return profile
 
 
+def breakdown_rows(profile: dict[str, Any]) -> dict[str, float]:
+  """{row: thread seconds per step}: the kinds of op, then the runtime, idle threads and the
+  time outside compiled code; they sum to `capacity_s` (up to `overlap_s`)."""
+  rows = dict(profile["kinds"])
+  rows[thread_time.RUNTIME] = profile["runtime_s"]
+  rows[thread_time.IDLE] = profile["idle_s"]
+  rows[OUTSIDE] = profile["outside_s"]
+  return rows
+
+
 def format_profile(profile: dict[str, Any], *, top: int = 12) -> str:
-  """The kinds' time per call and share, then the `top` slowest ops."""
-  total = profile["total_s"] or float("nan")
+  """Each row's thread time per step and its share of the capacity, then the `top` ops with
+  the most thread time."""
+  capacity = profile["capacity_s"]
   step = profile.get("step_s")
-  wall = f"; the step's wall time untraced: {step * 1e3:.1f} ms" if step else ""
-  lines = [f"ops' time per step by kind (summed over threads: {total * 1e3:.1f} ms{wall})"]
-  lines += [f"  {kind:<20} {s * 1e3:9.1f} ms  {s / total:6.1%}"
-            for kind, s in profile["kinds"].items()]
-  if profile.get("wall_s") and profile.get("threads"):
-    capacity = profile["wall_s"] * profile["threads"]
-    lines.append(f"not in any op's time: {max(capacity - total, 0.0) * 1e3:.1f} ms of "
-                 f"{profile['threads']} threads x {profile['wall_s'] * 1e3:.1f} ms traced wall "
-                 "(work handed to a thread pool, as Eigen's convolutions are, and idle time)")
-  lines.append(f"the {top} slowest ops")
-  lines += [f"  {op:<40} {s * 1e3:9.2f} ms  {kind_of(op)}"
+  untraced = f"; untraced step {step * 1e3:.1f} ms" if step else ""
+  lines = [f"thread time per step: {profile['threads']} threads x "
+           f"{profile['wall_s'] * 1e3:.1f} ms traced wall = {capacity * 1e3:.1f} ms{untraced}"]
+  lines += [f"  {row:<34} {s * 1e3:9.1f} ms  {s / capacity:6.1%}"
+            for row, s in breakdown_rows(profile).items()]
+  if profile.get("overlap_s", 0.0) > 0:
+    lines.append(f"  (busy beyond {profile['threads']} threads, from the calling thread: "
+                 f"{profile['overlap_s'] * 1e3:.1f} ms)")
+  lines.append(f"the {top} ops with the most thread time (own events and the pool work they "
+               "scheduled)")
+  lines += [f"  {op:<40} {s * 1e3:9.2f} ms  {profile['op_kinds'][op]}"
             for op, s in list(profile["ops"].items())[:top]]
   return "\n".join(lines)

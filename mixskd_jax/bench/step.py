@@ -120,6 +120,10 @@ class StepRunner:
     self._batch, self._key = batch, key
     self._state = None
 
+  def hlo_text(self) -> str:
+    """The compiled step's optimized HLO (which ops its fusions hold: `op_profile`)."""
+    return self._compiled.as_text()
+
   def time(self, *, steps: int, warmup: int) -> list[float]:
     """Seconds of each of `steps` steps after `warmup` untimed ones."""
     repl, data = sharding.replicated(self._mesh), sharding.data_sharding(self._mesh)
