@@ -154,7 +154,10 @@ def test_benchmark_commands_parse_and_write_where_the_results_are_kept():
   plain = parse_command(only_command("docs/benchmarking.md", "benchmark"))
   side = parse_command(only_command("docs/benchmarking.md", "side-by-side"))
   assert side["flags"]["against"] == "torch" and side["config"]["batch_size"] == 64
-  for parsed in (plain, side):
+  breakdown = parse_command(only_command("docs/benchmarking.md", "breakdown"))
+  assert breakdown["flags"]["against"] == "torch" and breakdown["flags"]["profile"]
+  assert breakdown["config"]["batch_size"] == 64
+  for parsed in (plain, side, breakdown):
     assert os.path.isdir(os.path.join(ROOT, os.path.dirname(parsed["flags"]["json_out"])))
 
 
