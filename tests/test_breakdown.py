@@ -49,7 +49,7 @@ def test_the_table_prints_each_row_and_the_difference():
   ours = dict.fromkeys(shared, 0.0) | {torch_profile.CONVOLUTION: 2.0, torch_profile.IDLE: 0.5}
   nchw = dict.fromkeys(shared, 0.0) | {torch_profile.CONVOLUTION: 2.25,
                                        torch_profile.OUTSIDE: 0.125}
-  result = {"label": "x", "threads": 2, "torch": "2.x", "steps": 2,
+  result = {"label": "x", "threads": 2, "torch": "2.x", "jax": "0.x", "steps": 2,
             "config": {"model": "cifar_resnet18", "data": "cifar100", "variant": "full",
                        "batch_size": 64},
             "machine": {"host_cpu": "CPU", "host_cores": 2, "load_average_1min": 0.5,

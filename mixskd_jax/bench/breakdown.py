@@ -14,19 +14,14 @@ between the two steps and says where it is.
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from typing import Any
 
 import ml_collections
 
 from mixskd_jax.bench import host as benchmark_host
-from mixskd_jax.bench import op_profile, thread_time, torch_profile
+from mixskd_jax.bench import op_profile, side_by_side, thread_time, torch_profile
 from mixskd_jax.bench.step import compile_step
-from mixskd_jax.bench.torch_side import (LAYOUTS, TorchSide, TorchUnavailable, check_comparable,
-                                         load_torch)
-from mixskd_jax.config import recipes
+from mixskd_jax.bench.torch_side import LAYOUTS, TorchSide
 
 # Our kinds of XLA op (op_profile.KINDS) -> the rows both sides share.
 OUR_ROWS = {"convolution": torch_profile.CONVOLUTION, "matmul": torch_profile.MATMUL,
@@ -48,26 +43,16 @@ def our_rows(profile: dict[str, Any]) -> dict[str, float]:
 def profile_both(config: ml_collections.ConfigDict, *, steps: int = 2, warmup: int = 1,
                  skip_ce: bool = False, label: str = "") -> dict[str, Any]:
   """Both sides' breakdowns for the config's step and (unless `skip_ce`) the plain CE step."""
-  check_comparable(config)
-  torch, _ = load_torch()
-  threads = benchmark_host.usable_cpus()
-  torch.set_num_threads(threads)
-  configs = [config]
-  if not skip_ce and config.model.mixskd:
-    configs.append(recipes.with_method(config, "cross_entropy"))
-  result = {"label": label, "machine": benchmark_host.device_info(), "threads": threads,
-            "torch": torch.__version__, "steps": steps, "warmup": warmup,
-            "config": {"model": config.model.name, "data": config.data.name,
-                       "variant": config.objective.variant, "batch_size": config.batch_size},
-            "probe": benchmark_host.matmul_probe(2048, iterations=1), "steps_profiled": {}}
+  result, configs = side_by_side.start_result(config, skip_ce=skip_ce, label=label)
+  result.update(steps=steps, warmup=warmup, steps_profiled={})
   for c in configs:
     _, runner = compile_step(c)
     runner.time(steps=1, warmup=warmup)
     ours = op_profile.profile_calls(lambda r=runner: r.time(steps=1, warmup=0), calls=steps,
                                     hlo_text=runner.hlo_text())
-    ours["step_s"] = min(runner.time(steps=steps, warmup=0))
     sides = {"ours": {"rows": our_rows(ours), "capacity_s": ours["capacity_s"],
-                      "wall_s": ours["wall_s"], "untraced_step_s": ours["step_s"],
+                      "wall_s": ours["wall_s"],
+                      "untraced_step_s": min(runner.time(steps=steps, warmup=0)),
                       "ops": dict(list(ours["ops"].items())[:40])}}
     side = TorchSide(c)
     for layout in LAYOUTS:
@@ -76,20 +61,17 @@ def profile_both(config: ml_collections.ConfigDict, *, steps: int = 2, warmup: i
       theirs["untraced_step_s"] = min(side.time(steps=steps, warmup=0))
       theirs["ops"] = dict(list(theirs["ops"].items())[:40])
       sides[layout] = theirs
-    result["steps_profiled"]["mixskd" if c.model.mixskd else "cross_entropy"] = sides
+    result["steps_profiled"][side_by_side.step_name(c)] = sides
   result["machine"]["load_average_1min_end"] = benchmark_host.device_info()["load_average_1min"]
   return result
 
 
 def format_breakdown(result: dict[str, Any]) -> str:
   """The breakdown as a plain-text table (ms of thread time per step)."""
-  c, m = result["config"], result["machine"]
+  c = result["config"]
   lines = [f"thread time per step {result.get('label') or ''}: {c['data']} / {c['model']} / "
            f"{c['variant']} / batch {c['batch_size']} / float32 / {result['threads']} threads "
-           f"/ {result['steps']} traced steps per side",
-           f"machine: {m['host_cpu']}, {m['host_cores']} cores, torch {result['torch']}, load "
-           f"avg {m['load_average_1min']:.2f} -> {m['load_average_1min_end']:.2f}; float32 "
-           f"matmul probe {result['probe']['gflops']:.0f} GFLOP/s",
+           f"/ {result['steps']} traced steps per side", side_by_side.machine_line(result),
            "ours: XLA ops with the thread-pool work they scheduled; PyTorch: each op's self time "
            "x threads. Rows sum to wall x threads."]
   columns = (f"{'ours':>10}" + "".join(f"{'PyTorch ' + k:>24}" for k in LAYOUTS)
@@ -112,17 +94,8 @@ def format_breakdown(result: dict[str, Any]) -> str:
 
 
 def main(flags: Any, *, label: str = "") -> None:
-  """`benchmark --against=torch --profile`: prints the table, writes the JSON (`--json_out`);
-  no PyTorch, or a config it cannot compare, is one line on stderr and exit status 2."""
-  try:
-    result = profile_both(flags.config, steps=max(flags.steps, 1), warmup=flags.warmup,
-                          skip_ce=flags.skip_ce, label=label)
-  except (TorchUnavailable, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(format_breakdown(result))
-  if flags.json_out:
-    os.makedirs(os.path.dirname(os.path.abspath(flags.json_out)), exist_ok=True)
-    with open(flags.json_out, "w") as out:
-      json.dump(result, out, indent=2, sort_keys=True)
-    print(f"\nwrote {flags.json_out}")
+  """`benchmark --against=torch --profile`: `side_by_side.report` of `profile_both`."""
+  side_by_side.report(lambda: profile_both(flags.config, steps=max(flags.steps, 1),
+                                           warmup=flags.warmup, skip_ce=flags.skip_ce,
+                                           label=label),
+                      format_breakdown, flags.json_out)

@@ -25,7 +25,7 @@ import json
 import os
 import statistics
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -117,44 +117,61 @@ def compare_step(config: ml_collections.ConfigDict, *, rounds: int, steps: int, 
   return result
 
 
+def start_result(config: ml_collections.ConfigDict, *, skip_ce: bool, label: str
+                 ) -> tuple[dict[str, Any], list[ml_collections.ConfigDict]]:
+  """What both PyTorch comparisons (this one and `bench.breakdown`) begin with: the config
+  checked, PyTorch on as many threads as JAX uses, and the result's header (machine, versions,
+  the matmul probe, the config); then the steps to run, the config's and (unless `skip_ce`) the
+  plain CE step of the same backbone."""
+  check_comparable(config)
+  torch, _ = load_torch()
+  threads = benchmark_host.usable_cpus()
+  torch.set_num_threads(threads)
+  result = {"label": label, "machine": benchmark_host.device_info(), "threads": threads,
+            "torch": torch.__version__, "jax": jax.__version__,
+            "probe": benchmark_host.matmul_probe(2048, iterations=1),
+            "config": {"model": config.model.name, "data": config.data.name,
+                       "variant": config.objective.variant, "batch_size": config.batch_size}}
+  steps = [config]
+  if not skip_ce and config.model.mixskd:
+    steps.append(recipes.with_method(config, "cross_entropy"))
+  return result, steps
+
+
+def step_name(config: ml_collections.ConfigDict) -> str:
+  return "mixskd" if config.model.mixskd else "cross_entropy"
+
+
+def machine_line(result: dict[str, Any]) -> str:
+  """The printed line that names the machine, the versions, the load and the probe."""
+  m = result["machine"]
+  return (f"machine: {m['host_cpu']}, {m['host_cores']} cores, jax {result['jax']}, torch "
+          f"{result['torch']}, load avg {m['load_average_1min']:.2f} -> "
+          f"{m['load_average_1min_end']:.2f}; float32 matmul probe "
+          f"{result['probe']['gflops']:.0f} GFLOP/s")
+
+
 def compare_with_torch(config: ml_collections.ConfigDict, *, rounds: int = 3, steps: int = 5,
                        warmup: int = 2, skip_ce: bool = False, label: str = ""
                        ) -> dict[str, Any]:
   """The config's step and (unless `skip_ce`) the plain CE step of the same backbone, each
   against PyTorch (module docstring); the results as a dict for `format_comparison`."""
-  check_comparable(config)
-  torch, _ = load_torch()
-  threads = benchmark_host.usable_cpus()
-  torch.set_num_threads(threads)
-  probe = benchmark_host.matmul_probe(2048, iterations=1)
-  steps_to_compare = [config]
-  if not skip_ce and config.model.mixskd:
-    steps_to_compare.append(recipes.with_method(config, "cross_entropy"))
-  result = {"label": label, "machine": benchmark_host.device_info(), "threads": threads,
-            "torch": torch.__version__, "jax": jax.__version__, "probe": probe,
-            "rounds": rounds, "steps": steps, "warmup": warmup,
-            "config": {"model": config.model.name, "data": config.data.name,
-                       "variant": config.objective.variant, "batch_size": config.batch_size},
-            "steps_compared": {}}
-  for c in steps_to_compare:
-    name = "mixskd" if c.model.mixskd else "cross_entropy"
-    result["steps_compared"][name] = compare_step(c, rounds=rounds, steps=steps, warmup=warmup,
-                                                  probe_gflops=probe["gflops"])
+  result, configs = start_result(config, skip_ce=skip_ce, label=label)
+  result.update(rounds=rounds, steps=steps, warmup=warmup, steps_compared={})
+  for c in configs:
+    result["steps_compared"][step_name(c)] = compare_step(
+        c, rounds=rounds, steps=steps, warmup=warmup, probe_gflops=result["probe"]["gflops"])
   result["machine"]["load_average_1min_end"] = benchmark_host.device_info()["load_average_1min"]
   return result
 
 
 def format_comparison(result: dict[str, Any]) -> str:
   """The comparison as a plain-text table."""
-  c, m = result["config"], result["machine"]
+  c = result["config"]
   lines = [f"side by side {result.get('label') or ''}: {c['data']} / {c['model']} / "
            f"{c['variant']} / batch {c['batch_size']} clean (+{c['batch_size']} mixed for "
            f"MixSKD) / float32 / {result['threads']} threads / {result['rounds']} rounds x "
-           f"{result['steps']} steps",
-           f"machine: {m['host_cpu']}, {m['host_cores']} cores, jax {result['jax']}, torch "
-           f"{result['torch']}, load avg {m['load_average_1min']:.2f} -> "
-           f"{m['load_average_1min_end']:.2f}; float32 matmul probe "
-           f"{result['probe']['gflops']:.0f} GFLOP/s", ""]
+           f"{result['steps']} steps", machine_line(result), ""]
   header = (f"{'step':<15}{'side':<23}{'median s':>10}{'min s':>9}{'max s':>9}"
             f"{'torch/ours [min, max] over rounds':>36}{'peak GiB':>10}{'of probe':>10}")
   lines.append(header)
@@ -177,19 +194,25 @@ def format_comparison(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(flags: Any, *, label: str = "") -> None:
-  """`python -m mixskd_jax.benchmark --against=torch`: prints the table and writes the JSON
-  (`--json_out`); a config it cannot compare, or no PyTorch, is one line on stderr and exit
-  status 2."""
+def report(make_result: Callable[[], dict[str, Any]],
+           format_result: Callable[[dict[str, Any]], str], json_out: str | None) -> None:
+  """Runs a comparison, prints its table and writes its JSON to `json_out`; no PyTorch, or a
+  config it cannot compare, is one line on stderr and exit status 2."""
   try:
-    result = compare_with_torch(flags.config, rounds=flags.rounds, steps=flags.steps,
-                                warmup=flags.warmup, skip_ce=flags.skip_ce, label=label)
+    result = make_result()
   except (TorchUnavailable, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(format_comparison(result))
-  if flags.json_out:
-    os.makedirs(os.path.dirname(os.path.abspath(flags.json_out)), exist_ok=True)
-    with open(flags.json_out, "w") as out:
+  print(format_result(result))
+  if json_out:
+    os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
+    with open(json_out, "w") as out:
       json.dump(result, out, indent=2, sort_keys=True)
-    print(f"\nwrote {flags.json_out}")
+    print(f"\nwrote {json_out}")
+
+
+def main(flags: Any, *, label: str = "") -> None:
+  """`python -m mixskd_jax.benchmark --against=torch`: `report` of `compare_with_torch`."""
+  report(lambda: compare_with_torch(flags.config, rounds=flags.rounds, steps=flags.steps,
+                                    warmup=flags.warmup, skip_ce=flags.skip_ce, label=label),
+         format_comparison, flags.json_out)
