@@ -55,8 +55,8 @@ HEAVIEST_FILES = ("test_reliability.py", "test_multihost.py", "test_resume.py",
                   "test_benchmark.py", "test_interop.py", "test_staged.py", "test_experiments.py",
                   "test_notebooks.py", "test_transfer_protocol.py", "test_sharding.py",
                   "test_doc_commands.py", "test_data_faults.py", "test_models.py",
-                  "test_configs.py", "test_aot.py", "test_communication.py", "test_train_loop.py",
-                  "test_loss_api.py", "test_signals.py")
+                  "test_configs.py", "test_aot.py", "test_communication.py", "test_breakdown.py",
+                  "test_train_loop.py", "test_loss_api.py", "test_signals.py")
 
 
 def pytest_configure(config):
