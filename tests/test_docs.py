@@ -5,6 +5,7 @@ lists every field with its real default."""
 
 import ast
 import glob
+import json
 import os
 import re
 
@@ -70,6 +71,21 @@ def test_readme_says_what_the_default_run_reaches_under_its_marker():
   assert text.count("<!-- default-run-result -->\n") == 1
   paragraph = text.split("<!-- default-run-result -->\n", 1)[1].split("\n\n", 1)[0]
   assert re.search(r"\d+\.\d+%", paragraph), "the default run's figure is missing"
+
+
+def test_the_default_runs_figure_is_the_committed_five_seed_suite():
+  """The front page's mean, standard deviation and range are the `default` suite's
+  (`python -m experiments.run --suite=default`), as its committed summary has them."""
+  with open(os.path.join(ROOT, "experiments", "results", "default", "summary.json")) as f:
+    row = json.load(f)["rows"]["mixskd_full"]
+  finals = [seed["final_top1"] for seed in row["seeds"].values()]
+  assert len(finals) >= 5
+  text = read_page("README.md")
+  paragraph = text.split("<!-- default-run-result -->\n", 1)[1].split("\n\n", 1)[0]
+  paragraph = " ".join(paragraph.split())
+  assert f"{row['final_top1_mean']:.2f} ± {row['final_top1_std']:.2f}%" in paragraph
+  assert f"{min(finals):.2f}-{max(finals):.2f}%" in paragraph
+  assert f"{len(finals)} seeds" in paragraph
 
 
 def test_readme_shows_the_three_uses_with_a_snippet_and_a_guide_each_up_front():

@@ -5,8 +5,9 @@ Debian package `dataset-fashion-mnist` (IDX files under /usr/share/datasets/fash
 
   python -m mixskd_jax.main --config=configs/default.py --workdir=/tmp/mixskd_default
 
-Expected: 88.18% test top-1 (backbone head) in 11 min 27 s on the 2-core development machine
-(jax 0.10.2, Python 3.11); measured, see docs/training.md.
+Expected: 89.05 +/- 0.53% test top-1 (backbone head; 5 seeds, range
+88.37-89.70%), 11-28 min on 2 CPU cores (jax 0.10.2, Python 3.11); measured, see
+docs/training.md.
 Shrink any config for a smoke run with the `:smoke` suffix:
 
   python -m mixskd_jax.main --config=configs/default.py:smoke --workdir=/tmp/smoke
