@@ -20,7 +20,6 @@ import ml_collections
 
 from mixskd_jax.bench import host as benchmark_host
 from mixskd_jax.bench import op_profile, side_by_side, thread_time, torch_profile
-from mixskd_jax.bench.step import compile_step
 from mixskd_jax.bench.torch_side import LAYOUTS, TorchSide
 
 # Our kinds of XLA op (op_profile.KINDS) -> the rows both sides share.
@@ -46,13 +45,9 @@ def profile_both(config: ml_collections.ConfigDict, *, steps: int = 2, warmup: i
   result, configs = side_by_side.start_result(config, skip_ce=skip_ce, label=label)
   result.update(steps=steps, warmup=warmup, steps_profiled={})
   for c in configs:
-    _, runner = compile_step(c)
-    runner.time(steps=1, warmup=warmup)
-    ours = op_profile.profile_calls(lambda r=runner: r.time(steps=1, warmup=0), calls=steps,
-                                    hlo_text=runner.hlo_text())
+    ours = op_profile.profile_step(c, steps=steps, warmup=warmup)
     sides = {"ours": {"rows": our_rows(ours), "capacity_s": ours["capacity_s"],
-                      "wall_s": ours["wall_s"],
-                      "untraced_step_s": min(runner.time(steps=steps, warmup=0)),
+                      "wall_s": ours["wall_s"], "untraced_step_s": ours["step_s"],
                       "ops": dict(list(ours["ops"].items())[:40])}}
     side = TorchSide(c)
     for layout in LAYOUTS:

@@ -16,7 +16,7 @@ import collections
 import time
 from typing import Any
 
-from mixskd_jax.bench.torch_side import TorchSide, _stderr_silenced
+from mixskd_jax.bench.torch_side import TorchSide, stderr_silenced
 
 # (row, substrings of an aten op name), first match wins. The rows are the ones both sides
 # share (`SHARED_ROWS`), so the table compares like with like.
@@ -66,7 +66,7 @@ def profile_torch_side(side: TorchSide, *, steps: int = 2, warmup: int = 1) -> d
   for _ in range(warmup):
     side.step()
   profiler = torch.profiler
-  with _stderr_silenced(), profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
+  with stderr_silenced(), profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
     start = time.perf_counter()
     for _ in range(steps):
       side.step()

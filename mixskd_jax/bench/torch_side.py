@@ -157,7 +157,7 @@ class TorchSide:
       self._sync()
       return self.torch.cuda.max_memory_allocated() - before
     profiler = self.torch.profiler
-    with _stderr_silenced(), profiler.profile(activities=[profiler.ProfilerActivity.CPU],
+    with stderr_silenced(), profiler.profile(activities=[profiler.ProfilerActivity.CPU],
                                               profile_memory=True) as prof:
       self.step()
     # An op's own allocations net of its frees (children excluded), and "[memory]" records:
@@ -171,7 +171,7 @@ class TorchSide:
 
 
 @contextlib.contextmanager
-def _stderr_silenced():
+def stderr_silenced():
   """File descriptor 2 to /dev/null: PyTorch's profiler (Kineto) prints a line to it at every
   start and stop, from C++, whatever the log level."""
   saved = os.dup(2)
