@@ -75,7 +75,8 @@ def test_readme_says_what_the_default_run_reaches_under_its_marker():
 
 def test_the_default_runs_figure_is_the_committed_five_seed_suite():
   """The front page's mean, standard deviation and range are the `default` suite's
-  (`python -m experiments.run --suite=default`), as its committed summary has them."""
+  (`python -m experiments.run --suite=default`), as its committed summary has them, and its
+  fresh clone's figure is the committed run's, inside that range."""
   with open(os.path.join(ROOT, "experiments", "results", "default", "summary.json")) as f:
     row = json.load(f)["rows"]["mixskd_full"]
   finals = [seed["final_top1"] for seed in row["seeds"].values()]
@@ -86,6 +87,12 @@ def test_the_default_runs_figure_is_the_committed_five_seed_suite():
   assert f"{row['final_top1_mean']:.2f} ± {row['final_top1_std']:.2f}%" in paragraph
   assert f"{min(finals):.2f}-{max(finals):.2f}%" in paragraph
   assert f"{len(finals)} seeds" in paragraph
+  # The issue's acceptance: a fresh clone's run of command 1 lands inside that range.
+  with open(os.path.join(ROOT, "experiments", "results", "default", "fresh_clone_d00b90d",
+                         "results.json")) as f:
+    fresh = json.load(f)["final"]["eval/top1/backbone"]
+  assert min(finals) <= fresh <= max(finals)
+  assert f"A fresh clone set up and run with command 1 ended at {fresh:.2f}%" in paragraph
 
 
 def test_readme_shows_the_three_uses_with_a_snippet_and_a_guide_each_up_front():
