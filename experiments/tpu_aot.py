@@ -53,6 +53,13 @@ RUNS = (
     ("fit_mixskd_v5e_2x2_f32_remat", MIXSKD, "v5e:2x2", (
         "--fit", "--fit_dtypes=float32", "--fit_remat=True")),
     ("fit_mixskd_v6e_2x2_f32", MIXSKD, "v6e:2x2", FIT_F32),
+    ("ce_v5e_2x2_bf16", CE, "v5e:2x2", BF16 + ("--skip_eval",)),
+    ("ce_v4_2x2x1_f32", CE, "v4:2x2x1", ("--skip_eval",)),
+    ("ce_v5p_2x2x1_bf16", CE, "v5p:2x2x1", BF16 + ("--skip_eval",)),
+    ("fit_ce_v5e_2x2_f32", CE, "v5e:2x2", FIT_F32),
+    ("fit_ce_v5e_2x2_bf16", CE, "v5e:2x2", FIT_BF16),
+    ("fit_ce_v4_2x2x1_f32", CE, "v4:2x2x1", FIT_F32),
+    ("ce_v6e_2x2_f32", CE, "v6e:2x2", ("--skip_eval",)),
 )
 
 
@@ -137,17 +144,19 @@ def step_table() -> str:
 def fit_table() -> str:
   """Every finished fit: the largest per-chip batch per dtype and remat setting."""
   from mixskd_jax.bench.aot_table import largest_cell  # pylint: disable=import-outside-toplevel
-  rows = ["| slice | dtype | remat_branches | largest per chip | HBM peak there (compiler) "
-          "| usable HBM | global batch, lr on this slice | compiles (batches tried) |",
-          "|---|---|---|---:|---:|---:|---|---|"]
+  rows = ["| method | slice | dtype | remat_branches | largest per chip "
+          "| HBM peak there (compiler) | usable HBM | global batch, lr on this slice "
+          "| compiles (batches tried) |",
+          "|---|---|---|---|---:|---:|---:|---|---|"]
   for path in sorted(glob.glob(os.path.join(OUT, "fit_*.json"))):
     with open(path) as f:
       fit = json.load(f)
     for row in fit["rows"]:
       tried = ", ".join(f"{b}{'' if m['fits'] else ' x'}" for b, m in row["measured"].items())
       peak = row.get("peak_bytes")
+      method = "MixSKD" if fit["method"] == "mixskd" else "CE"
       rows.append(
-          f"| {fit['topology']} ({fit['device_kind']}) | {row['dtype']} | "
+          f"| {method} | {fit['topology']} ({fit['device_kind']}) | {row['dtype']} | "
           f"{row['remat_branches']} | "
           f"{largest_cell(row['largest_per_device_batch'], row.get('boundary_found', True))} | "
           f"{'-' if peak is None else f'{peak / GIB:.2f} GiB'} | "
