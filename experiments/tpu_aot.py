@@ -71,6 +71,10 @@ def command(config: str, topology: str, extra, json_out: str) -> list[str]:
 GIB = 2 ** 30
 
 
+def _method_name(report: dict) -> str:
+  return "MixSKD" if report["method"] == "mixskd" else "CE"
+
+
 def _load(name: str) -> dict | None:
   path = os.path.join(OUT, f"{name}.json")
   if not os.path.exists(path):
@@ -117,7 +121,7 @@ def step_table() -> str:
           "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
   for name, r in _reports():
     train = r["train_step"]
-    method = "MixSKD" if r["method"] == "mixskd" else "CE"
+    method = _method_name(r)
     chips = f"{r['topology']} ({r['devices']} x {r['device_kind']}, {r['processes']} host(s))"
     batch = f"{r['per_device_batch_size']} / {r['global_batch_size']}"
     if train.get("out_of_memory"):
@@ -154,9 +158,8 @@ def fit_table() -> str:
     for row in fit["rows"]:
       tried = ", ".join(f"{b}{'' if m['fits'] else ' x'}" for b, m in row["measured"].items())
       peak = row.get("peak_bytes")
-      method = "MixSKD" if fit["method"] == "mixskd" else "CE"
       rows.append(
-          f"| {method} | {fit['topology']} ({fit['device_kind']}) | {row['dtype']} | "
+          f"| {_method_name(fit)} | {fit['topology']} ({fit['device_kind']}) | {row['dtype']} | "
           f"{row['remat_branches']} | "
           f"{largest_cell(row['largest_per_device_batch'], row.get('boundary_found', True))} | "
           f"{'-' if peak is None else f'{peak / GIB:.2f} GiB'} | "

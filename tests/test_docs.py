@@ -66,11 +66,18 @@ def test_readme_set_up_block_installs_trains_the_default_and_runs_the_ci_tests()
   assert ci == [pytest_command + " --slow --durations=25\n"]
 
 
+DEFAULT_RUN_MARKER = "<!-- default-run-result -->\n"
+
+
+def default_run_paragraph() -> str:
+  """The README's paragraph under its default-run marker, its lines joined by single spaces."""
+  paragraph = read_page("README.md").split(DEFAULT_RUN_MARKER, 1)[1].split("\n\n", 1)[0]
+  return " ".join(paragraph.split())
+
+
 def test_readme_says_what_the_default_run_reaches_under_its_marker():
-  text = read_page("README.md")
-  assert text.count("<!-- default-run-result -->\n") == 1
-  paragraph = text.split("<!-- default-run-result -->\n", 1)[1].split("\n\n", 1)[0]
-  assert re.search(r"\d+\.\d+%", paragraph), "the default run's figure is missing"
+  assert read_page("README.md").count(DEFAULT_RUN_MARKER) == 1
+  assert re.search(r"\d+\.\d+%", default_run_paragraph()), "the default run's figure is missing"
 
 
 def test_the_default_runs_figure_is_the_committed_five_seed_suite():
@@ -81,9 +88,7 @@ def test_the_default_runs_figure_is_the_committed_five_seed_suite():
     row = json.load(f)["rows"]["mixskd_full"]
   finals = [seed["final_top1"] for seed in row["seeds"].values()]
   assert len(finals) >= 5
-  text = read_page("README.md")
-  paragraph = text.split("<!-- default-run-result -->\n", 1)[1].split("\n\n", 1)[0]
-  paragraph = " ".join(paragraph.split())
+  paragraph = default_run_paragraph()
   assert f"{row['final_top1_mean']:.2f} ± {row['final_top1_std']:.2f}%" in paragraph
   assert f"{min(finals):.2f}-{max(finals):.2f}%" in paragraph
   assert f"{len(finals)} seeds" in paragraph
